@@ -1,0 +1,704 @@
+"""The networks of AI-STA, written by hand in PyTorch, loading the public checkpoints directly.
+
+This file holds, top to bottom:
+  1. one checkpoint loader for every published format (safetensors, sharded safetensors, pickled
+     .bin / .pt, sharded .bin), assigning tensors in place into a model built on the meta device;
+  2. the decoder-only LLM shared by both backbones (Qwen2-7B, Vicuna-13B-v1.1 = Llama), its presets,
+     its KV cache, greedy and beam-search generation, and the two tokenizers.
+
+Quirks of the LLM family worth knowing before reading the code:
+  - Llama and Qwen2 are the same network: pre-RMSNorm blocks, rotate-half RoPE (dimension j is paired
+    with j + head_dim/2; HF checkpoints are already permuted for that), SwiGLU MLP, untied lm_head.
+  - Qwen2 puts biases on q/k/v but not on o; Llama's optional `attention_bias` puts them on all four.
+  - Qwen2-7B uses grouped-query attention (28 query heads share 4 key/value heads); Vicuna-13B does not.
+  - RMSNorm normalises in float32 and casts back before multiplying by its weight (bf16 parity with HF).
+  - Module names equal the HF checkpoint keys (`model.layers.3.self_attn.q_proj.weight`), so loading a
+    checkpoint is the identity map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Checkpoint loading: one loader for all formats
+# ----------------------------------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded. The message names the file and the offending keys."""
+
+
+def _list_keys(keys: Iterable[str], limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    """One checkpoint file -> {key: tensor} on the CPU, without copying the data into memory."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # a truncated file raises SafetensorError with a terse message
+            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+    try:
+        # weights_only: a checkpoint is data, never code; mmap: tensors stay on disk until touched
+        sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read pickled checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    return sd
+
+
+def iter_checkpoint(path: str | os.PathLike) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """Yield (file, state dict) for each shard of a checkpoint, one shard in memory at a time.
+
+    `path` is a file (.safetensors, .bin, .pt, .pth) or an HF model directory holding one of
+    model.safetensors.index.json (+ shards), model.safetensors, pytorch_model.bin.index.json (+ shards),
+    pytorch_model.bin — looked for in that order (Vicuna-13B-v1.1 publishes only the pickled shards).
+    """
+    path = Path(path)
+    if path.is_file():
+        yield path, _read_file(path)
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or directory")
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (path / index).is_file():
+            try:
+                weight_map = json.loads((path / index).read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{path / index}: not a valid shard index ({type(e).__name__}: {e})") from None
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{path / index} names shard(s) that do not exist: {', '.join(missing)}")
+            for shard in shards:
+                yield path / shard, _read_file(path / shard)
+            return
+        if (path / single).is_file():
+            yield path / single, _read_file(path / single)
+            return
+    raise CheckpointError(f"{path}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json] found")
+
+
+def load_state_dict_into(model: nn.Module, shards: Iterable[tuple[Path | str, dict[str, torch.Tensor]]],
+                         source: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                         device: torch.device | str = "cpu", allow_missing: Iterable[str] = ()) -> None:
+    """Assign the tensors of `shards` to `model`, shard by shard (`source` names the checkpoint in errors).
+
+    The model may be built on the meta device: each tensor is converted straight to `dtype` (floating
+    tensors only; None keeps the checkpoint's dtype), moved to `device` and assigned in place of the
+    parameter, so a 7B/13B model is never materialised twice nor in fp32. Every key must exist in the
+    model with the same shape and every model key must be loaded (but `allow_missing`); otherwise a
+    CheckpointError lists the keys and names the file.
+    """
+    expected = model.state_dict()
+    loaded: set[str] = set()
+    for file, sd in shards:
+        unexpected = [k for k in sd if k not in expected]
+        if unexpected:
+            raise CheckpointError(f"{file}: unexpected key(s) for {type(model).__name__}: {_list_keys(unexpected)}")
+        for k, t in sd.items():
+            if tuple(t.shape) != tuple(expected[k].shape):
+                raise CheckpointError(f"{file}: key {k} has shape {tuple(t.shape)}, "
+                                      f"but the model expects {tuple(expected[k].shape)}")
+        sd = {k: t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
+              for k, t in sd.items()}
+        model.load_state_dict(sd, strict=False, assign=True)
+        loaded.update(sd)
+    missing = set(expected) - loaded - set(allow_missing)
+    if missing:
+        raise CheckpointError(f"{source}: missing key(s) for {type(model).__name__}: {_list_keys(missing)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The LLM: one decoder-only network for Llama (Vicuna) and Qwen2
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32        # < num_attention_heads: grouped-query attention
+    head_dim: int | None = None          # None: hidden_size // num_attention_heads
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False               # Qwen2: True
+    o_bias: bool = False                 # Llama's attention_bias sets both
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False    # both real backbones have an untied lm_head
+    max_position_embeddings: int = 4096
+    family: str = "llama"                # "llama" | "qwen2": picks the tokenizer and prompt template
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.family not in ("llama", "qwen2"):
+            raise ValueError(f"unknown LLM family {self.family!r} (expected 'llama' or 'qwen2')")
+
+    @classmethod
+    def from_name(cls, name: str) -> "LLMConfig":
+        if name not in LLM_PRESETS:
+            raise ValueError(f"unknown LLM preset {name!r}; known: {', '.join(LLM_PRESETS)}")
+        return replace(LLM_PRESETS[name])
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "LLMConfig":
+        """Build from an HF `config.json` dict (Qwen2ForCausalLM or LlamaForCausalLM)."""
+        arch = (cfg.get("architectures") or [None])[0]
+        family = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}.get(arch)
+        if family is None:
+            family = {"qwen2": "qwen2", "llama": "llama"}.get(cfg.get("model_type"))
+        if family is None:
+            raise ValueError(f"{source}: unsupported architecture {arch!r} (model_type "
+                             f"{cfg.get('model_type')!r}); supported: Qwen2ForCausalLM, LlamaForCausalLM")
+        rope = cfg.get("rope_parameters") or {}
+        if (cfg.get("rope_scaling") or {}).get("rope_type", rope.get("rope_type", "default")) not in (None, "default"):
+            raise ValueError(f"{source}: RoPE scaling is not supported (rope_scaling={cfg.get('rope_scaling')})")
+        try:
+            attention_bias = cfg.get("attention_bias", False)
+            return cls(
+                vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+                num_attention_heads=cfg["num_attention_heads"],
+                num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                head_dim=cfg.get("head_dim"),
+                rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                qkv_bias=True if family == "qwen2" else attention_bias,
+                o_bias=False if family == "qwen2" else attention_bias,
+                mlp_bias=cfg.get("mlp_bias", False),
+                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+                family=family)
+        except KeyError as e:
+            raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+
+    @classmethod
+    def from_dir(cls, ckpt_dir: str | os.PathLike) -> "LLMConfig":
+        path = Path(ckpt_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (an LLM checkpoint directory needs its config.json)")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_hf_config(cfg, source=str(path))
+
+
+LLM_PRESETS = {
+    # Qwen/Qwen2-7B config.json
+    "qwen2-7b": LLMConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                          num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
+                          qkv_bias=True, max_position_embeddings=131072, family="qwen2"),
+    # lmsys/vicuna-13b-v1.1 config.json (a LLaMA-13B fine-tune)
+    "vicuna-13b-v1.1": LLMConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                                 num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                                 rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048,
+                                 family="llama"),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, cast back, then scale: the order HF uses, so bf16 results agree bit for bit
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim) for rotate-half RoPE, computed in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    freqs = positions[..., None].float() * inv_freq                  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                           # (B, T, head_dim)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache: "KVCache | None" = None, is_causal: bool = False):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)   # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)                               # (B, nkv, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv != self.n_head)       # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, is_causal=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, is_causal)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """The `model.` part of an HF causal LM: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class LLMOutput:
+    logits: torch.Tensor | None              # (B, T, vocab) or (B, 1, vocab) with logits="last"; None if skipped
+    hidden_states: dict[int, torch.Tensor]   # layer -> (B, T, hidden): 0 = embeddings, l = output of block l
+
+
+class KVCache:
+    """A static key/value cache: tensors preallocated for `max_len` positions, written in place.
+
+    It also keeps the key padding mask of everything written so far, so a decode step knows which
+    cached positions are padding, and each row's next RoPE position.
+    """
+
+    def __init__(self, cfg: LLMConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # True = real token
+        self.max_len = max_len
+        self.pos = 0              # number of positions written
+        self._step = 0            # positions being written by the current forward
+
+    def begin(self, new_mask: torch.Tensor) -> None:
+        """Start a forward over T new positions; new_mask (B, T) marks the real (non-padding) ones."""
+        T = new_mask.shape[1]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.pos} + {T} positions > max_len {self.max_len}")
+        self.key_mask[:, self.pos:self.pos + T] = new_mask
+        self._step = T
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.pos + self._step
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def end(self) -> None:
+        self.pos += self._step
+        self._step = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: row i of the cache becomes row index[i]."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.key_mask = self.key_mask.index_select(0, index)
+
+
+def _attention_mask(key_mask: torch.Tensor, q_start: int) -> torch.Tensor:
+    """key_mask (B, S) of real keys -> boolean SDPA mask (B, 1, T, S) for queries at q_start..S-1.
+
+    Query i may see key j iff j is a real token and j <= q_start + i (causal). A padding query would
+    then see no key at all and SDPA would return NaN, which would leak through 0·NaN into the real
+    rows; so every query also sees itself. Padding outputs are garbage by design and never read.
+    """
+    S = key_mask.shape[1]
+    q_pos = torch.arange(q_start, S, device=key_mask.device)[:, None]    # (T, 1)
+    k_pos = torch.arange(S, device=key_mask.device)[None, :]             # (1, S)
+    allowed = (k_pos <= q_pos) & key_mask[:, None, :]                    # (B, T, S)
+    allowed = allowed | (k_pos == q_pos)
+    return allowed[:, None]
+
+
+class LLM(nn.Module):
+    """A Llama / Qwen2 causal LM whose state_dict keys equal the HF checkpoint's."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                output_layers: Sequence[int] = (), logits: str | None = "all") -> LLMOutput:
+        """Run the LLM on input_ids (B, T) or inputs_embeds (B, T, hidden).
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding (left or right); None = no padding.
+        cache: a KVCache to read past keys from and write this call's keys into (generation).
+        output_layers: residual-stream layers to return (0 = embedding output, l = output of block l,
+            before the final norm). logits: "all", "last" (only the last position) or None. With
+            logits=None the forward stops after the highest requested layer: the blocks above it and
+            the lm_head are never computed (the joint stage's text pass needs only layers 0..max(I)).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cfg = self.config
+        layers = sorted(set(output_layers))
+        if layers and not 0 <= layers[0] <= layers[-1] <= cfg.num_hidden_layers:
+            raise ValueError(f"output_layers must lie in [0, {cfg.num_hidden_layers}], got {list(output_layers)}")
+        if logits not in ("all", "last", None):
+            raise ValueError(f"logits must be 'all', 'last' or None, got {logits!r}")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds   # (B, T, C)
+        B, T, _ = x.shape
+
+        # positions count real tokens only, so a left-padded row starts at position 0 like an unpadded one
+        new_mask = (torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None
+                    else attention_mask.to(device=x.device, dtype=torch.bool))
+        if cache is not None:
+            cache.begin(new_mask)
+            key_mask = cache.key_mask[:, :cache.pos + T]          # (B, S) every key this call attends to
+            start = cache.pos
+        else:
+            key_mask, start = new_mask, 0
+        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]   # (B, T)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        if attention_mask is None and (cache is None or bool(cache.key_mask[:, :start].all())):
+            # no padding anywhere: SDPA's own causal path (or, for T=1 decode steps, no mask at all)
+            mask, is_causal = None, (T > 1 and start == 0)
+            if T > 1 and start > 0:
+                mask = _attention_mask(key_mask, start)
+        else:
+            mask, is_causal = _attention_mask(key_mask, start), False
+
+        hidden = {0: x} if 0 in layers else {}
+        last = cfg.num_hidden_layers if logits is not None else (layers[-1] if layers else 0)
+        for i, block in enumerate(self.model.layers[:last]):
+            x = block(x, cos, sin, mask, cache, is_causal)
+            if i + 1 in layers:
+                hidden[i + 1] = x
+        if cache is not None:
+            cache.end()
+        out = None
+        if logits is not None:
+            h = self.model.norm(x if logits == "all" else x[:, -1:])
+            out = self.lm_head(h)
+        return LLMOutput(logits=out, hidden_states=hidden)
+
+    # ------------------------------------------------------------------ building and loading
+    @classmethod
+    def from_pretrained(cls, ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                        device: torch.device | str = "cpu") -> "LLM":
+        """Load an HF Qwen2 / Llama checkpoint directory (config.json + weights in any published format).
+
+        Built on the meta device and filled by assignment, so memory holds one copy, in `dtype`.
+        """
+        cfg = LLMConfig.from_dir(ckpt_dir)
+        with torch.device("meta"):
+            model = cls(cfg)
+
+        def shards():
+            for file, sd in iter_checkpoint(ckpt_dir):
+                # old Llama checkpoints carry RoPE's inverse frequencies; we compute them instead
+                yield file, {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+
+        load_state_dict_into(model, shards(), ckpt_dir, dtype=dtype, device=device,
+                             allow_missing=["lm_head.weight"] if cfg.tie_word_embeddings else ())
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 200, num_beams: int = 1,
+                 length_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+                 ) -> list[list[int]]:
+        """Greedy (num_beams=1) or beam-search decoding with the KV cache, batched.
+
+        Prompts of different lengths are LEFT-padded: input_ids (B, T) or inputs_embeds (B, T, hidden),
+        attention_mask (B, T) with 0 on the padding. Each row stops at its own EOS. Returns, per row,
+        the new token ids without the EOS. Beam search follows HF transformers' semantics (scores are
+        sums of log-probabilities; a finished hypothesis is scored sum / generated_len ** length_penalty,
+        the EOS counted; a row ends once no running beam can beat its worst kept hypothesis).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        eos = ([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
+               else list(eos_token_id))
+        prompt = input_ids if inputs_embeds is None else inputs_embeds
+        B, T = prompt.shape[:2]
+        device = prompt.device
+        mask = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
+                else attention_mask.to(device=device, dtype=torch.bool))
+        if attention_mask is not None and bool(mask[:, -1].logical_not().any()):
+            raise ValueError("generate() needs LEFT-padded prompts: attention_mask[:, -1] must be 1 for every row")
+        if num_beams > 1:
+            # every beam starts as a copy of its prompt
+            prompt = prompt.repeat_interleave(num_beams, dim=0)
+            mask = mask.repeat_interleave(num_beams, dim=0)
+        dtype = self.model.embed_tokens.weight.dtype
+        cache = KVCache(self.config, prompt.shape[0], T + max_new_tokens, device, dtype)
+        kw = {"input_ids": prompt} if inputs_embeds is None else {"inputs_embeds": prompt}
+        logits = self(**kw, attention_mask=None if attention_mask is None else mask, cache=cache,
+                      logits="last").logits[:, -1]
+        step_mask = torch.ones(prompt.shape[0], 1, dtype=torch.bool, device=device)
+
+        def step(tokens):  # tokens (rows,) -> next logits (rows, vocab)
+            return self(input_ids=tokens[:, None], attention_mask=None if attention_mask is None else step_mask,
+                        cache=cache, logits="last").logits[:, -1]
+
+        if num_beams == 1:
+            return _greedy(logits, step, eos, max_new_tokens)
+        return _beam_search(logits, step, cache, eos, B, num_beams, max_new_tokens, length_penalty)
+
+
+def _greedy(logits, step, eos: list[int], max_new_tokens: int) -> list[list[int]]:
+    B = logits.shape[0]
+    eos_t = torch.tensor(eos, device=logits.device, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    out = []
+    for t in range(max_new_tokens):
+        tok = logits.float().argmax(-1)                           # (B,)
+        out.append(tok)
+        done = done | torch.isin(tok, eos_t)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        logits = step(tok)
+    tokens = torch.stack(out, 1).tolist()
+    return [_cut_at_eos(row, eos) for row in tokens]
+
+
+def _cut_at_eos(row: list[int], eos: list[int]) -> list[int]:
+    for i, t in enumerate(row):
+        if t in eos:
+            return row[:i]
+    return row
+
+
+def _beam_search(logits, step, cache: KVCache, eos: list[int], B: int, K: int, max_new_tokens: int,
+                 length_penalty: float) -> list[list[int]]:
+    """Beam search over B prompts with K beams each, rows (b, k) flattened to b*K + k.
+
+    Per step: take the top 2K continuations of each prompt over all its beams (2K, so that K of them
+    survive even if up to K end in EOS); those among the top K that end in EOS (or reach the length
+    limit) become finished hypotheses scored by log-prob sum / length**length_penalty; the best K that
+    did not end continue. A prompt is done when its K kept hypotheses are all filled and the best running
+    beam, normalised by the current length, cannot beat the worst of them.
+    """
+    device = logits.device
+    V = logits.shape[-1]
+    NEG = -1.0e9
+    eos_t = torch.tensor(eos, device=device, dtype=torch.long)
+    running = torch.zeros(B, K, 0, dtype=torch.long, device=device)          # running token sequences
+    run_scores = torch.full((B, K), NEG, device=device)
+    run_scores[:, 0] = 0.0                                                   # only beam 0 is live at first
+    fin_tokens = torch.zeros(B, K, max_new_tokens, dtype=torch.long, device=device)
+    fin_len = torch.zeros(B, K, dtype=torch.long, device=device)
+    fin_scores = torch.full((B, K), NEG, device=device)
+    fin_filled = torch.zeros(B, K, dtype=torch.bool, device=device)
+    open_rows = torch.ones(B, dtype=torch.bool, device=device)               # can still improve
+    for t in range(max_new_tokens):
+        logp = F.log_softmax(logits.float(), dim=-1).view(B, K, V) + run_scores[:, :, None]
+        top_scores, top_idx = logp.view(B, K * V).topk(2 * K, dim=-1)        # (B, 2K)
+        beam, tok = top_idx // V, top_idx % V
+        seqs = torch.cat([running.gather(1, beam[:, :, None].expand(-1, -1, t)), tok[:, :, None]], dim=2)
+        ends = torch.isin(tok, eos_t) | (t == max_new_tokens - 1)            # (B, 2K) hits a stop
+        # running beams for the next step: best K continuations that did not stop
+        keep = (top_scores + ends.float() * NEG).topk(K, dim=-1).indices     # (B, K)
+        next_scores = top_scores.gather(1, keep) + ends.gather(1, keep).float() * NEG
+        next_beam = beam.gather(1, keep)
+        next_running = seqs.gather(1, keep[:, :, None].expand(-1, -1, t + 1))
+        # finished hypotheses: stopped candidates ranked in the top K, while the row may still improve
+        cand = top_scores / ((t + 1) ** length_penalty)
+        eligible = ends & (torch.arange(2 * K, device=device) < K) & open_rows[:, None]
+        cand = torch.where(eligible, cand, cand + NEG)   # NEG is added, as HF does, keeping the order of ties
+        all_scores = torch.cat([fin_scores, cand], dim=1)                    # (B, 3K)
+        padded = F.pad(seqs, (0, max_new_tokens - t - 1))
+        all_tokens = torch.cat([fin_tokens, padded], dim=1)
+        all_len = torch.cat([fin_len, torch.full_like(cand, t + 1, dtype=torch.long)], dim=1)
+        all_filled = torch.cat([fin_filled, eligible], dim=1)
+        best = all_scores.topk(K, dim=-1).indices
+        fin_scores, fin_len, fin_filled = all_scores.gather(1, best), all_len.gather(1, best), all_filled.gather(1, best)
+        fin_tokens = all_tokens.gather(1, best[:, :, None].expand(-1, -1, max_new_tokens))
+        running, run_scores = next_running, next_scores
+        # can any row still improve? (best running score at the current length vs the worst kept)
+        worst = torch.where(fin_filled, fin_scores.min(dim=1, keepdim=True).values, torch.full_like(fin_scores, NEG))
+        open_rows = open_rows & (run_scores[:, :1] / ((t + 1) ** length_penalty) > worst).any(dim=1)
+        if not bool(open_rows.any()) or t == max_new_tokens - 1:
+            break
+        rows = (next_beam + torch.arange(B, device=device)[:, None] * K).view(-1)
+        cache.reorder(rows)
+        logits = step(running[:, :, -1].reshape(-1))
+    best_tokens, best_len = fin_tokens[:, 0].tolist(), fin_len[:, 0].tolist()
+    return [_cut_at_eos(row[:n], eos) for row, n in zip(best_tokens, best_len)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizers: Qwen2 (byte-level BPE, `tokenizers`) and Vicuna (SentencePiece), one small interface
+# ----------------------------------------------------------------------------------------------------
+
+class Tokenizer(ABC):
+    """encode / decode and the special ids, read from the tokenizer files (never from config.json,
+    whose bos/eos are wrong for Vicuna-13B-v1.1)."""
+
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+
+    @abstractmethod
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        """text -> ids; special-token strings in the text become their ids; BOS first if `bos` and defined."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """ids -> text, special tokens skipped."""
+
+    @abstractmethod
+    def token_id(self, token: str) -> int:
+        """The id of one token string; an error if it is not in the vocabulary."""
+
+
+class BPETokenizer(Tokenizer):
+    """Qwen2: byte-level BPE from `tokenizer.json`; no BOS; `<|endoftext|>` ends and pads."""
+
+    def __init__(self, path: str | os.PathLike, eos: str | None = None, pad: str | None = None):
+        from tokenizers import Tokenizer as HFTokenizer
+        path = Path(path)
+        try:
+            self.tok = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read tokenizer ({e})") from None
+        special = _special_tokens(path.parent)
+        eos = eos or special.get("eos_token") or "<|endoftext|>"
+        pad = pad or special.get("pad_token") or eos
+        self.bos_id = None
+        self.eos_id, self.pad_id = self.token_id(eos), self.token_id(pad)
+        self.path = path
+
+    def token_id(self, token: str) -> int:
+        i = self.tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"{getattr(self, 'path', 'tokenizer')}: token {token!r} is not in the vocabulary")
+        return i
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Vicuna / Llama: SentencePiece `tokenizer.model`; `<unk>`=0, `<s>`=1, `</s>`=2.
+
+    The model has no pad piece. Padding positions are always masked out of attention and loss, so any
+    in-vocabulary id works: we use `<unk>` (SALMONN adds a `[PAD]` = 32000, outside the embedding).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece as spm
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read SentencePiece model ({e})") from None
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
+        self.path = path
+
+    def token_id(self, token: str) -> int:
+        i = self.sp.piece_to_id(token)
+        if i == self.sp.unk_id() and token != self.sp.id_to_piece(i):
+            raise ValueError(f"{self.path}: token {token!r} is not in the vocabulary")
+        return i
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return ([self.bos_id] if bos else []) + self.sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids if i not in (self.bos_id, self.eos_id)])
+
+
+def _special_tokens(ckpt_dir: Path) -> dict[str, str]:
+    """bos/eos/pad token strings from tokenizer_config.json (or special_tokens_map.json), if present."""
+    out = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        f = ckpt_dir / name
+        if f.is_file():
+            try:
+                cfg = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: invalid JSON ({e})") from None
+            for key in ("bos_token", "eos_token", "pad_token"):
+                v = cfg.get(key)
+                if isinstance(v, dict):
+                    v = v.get("content")
+                if isinstance(v, str):
+                    out[key] = v
+    return out
+
+
+def load_tokenizer(ckpt_dir: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of an LLM checkpoint directory: tokenizer.json (BPE) or tokenizer.model (SentencePiece)."""
+    d = Path(ckpt_dir)
+    if (d / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(d / "tokenizer.model")
+    if (d / "tokenizer.json").is_file():
+        return BPETokenizer(d / "tokenizer.json")
+    raise FileNotFoundError(f"{d}: no tokenizer.model (SentencePiece) or tokenizer.json (BPE) found")
