@@ -101,6 +101,10 @@ def test_window_qformer_equals_hf_composition():
         ref = m.speech_llama_proj(q).view(2, -1, 24)
     assert ours.shape == (2, 88, 24) and m.num_speech_tokens(1500) == 88
     torch.testing.assert_close(ours, ref)
+    with torch.no_grad():  # bf16 encoder outputs: the bridge computes in its own (fp32) parameter dtype
+        from_bf16 = m(whisper.bfloat16(), beats.bfloat16())
+    assert from_bf16.dtype == torch.float32
+    torch.testing.assert_close(from_bf16, ours, rtol=0.05, atol=0.05)
 
 
 def test_whisper_only_and_input_errors():
