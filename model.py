@@ -5,6 +5,7 @@ This file holds, top to bottom:
      .bin / .pt, sharded .bin), assigning tensors in place into a model built on the meta device;
   2. the decoder-only LLM shared by both backbones (Qwen2-7B, Vicuna-13B-v1.1 = Llama), its presets,
      its KV cache, greedy and beam-search generation, and the two tokenizers.
+  3. the frozen ears: Whisper-large-v2's encoder (HF's key layout).
 
 Quirks of the LLM family worth knowing before reading the code:
   - Llama and Qwen2 are the same network: pre-RMSNorm blocks, rotate-half RoPE (dimension j is paired
@@ -19,6 +20,7 @@ Quirks of the LLM family worth knowing before reading the code:
 from __future__ import annotations
 
 import json
+import math
 import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, replace
@@ -702,3 +704,221 @@ def load_tokenizer(ckpt_dir: str | os.PathLike) -> Tokenizer:
     if (d / "tokenizer.json").is_file():
         return BPETokenizer(d / "tokenizer.json")
     raise FileNotFoundError(f"{d}: no tokenizer.model (SentencePiece) or tokenizer.json (BPE) found")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The ears: Whisper encoder and BEATs
+# ----------------------------------------------------------------------------------------------------
+#
+# Both encoders are frozen feature extractors. They always run as in eval mode (their `train()` is a
+# no-op, so a parent's `model.train()` cannot switch dropout back on, as it silently did for BEATs in
+# SALMONN) and their parameters never require grad. Neither implements dropout at all.
+#
+# Quirks worth knowing before reading the code:
+#   - Whisper: the key projection has no bias; the sinusoidal positions are a stored weight; HF accepts
+#     exactly 2·max_source_positions = 3000 mel frames (30 s) and so do we (allow_short is opt-in).
+
+class FrozenEncoder(nn.Module):
+    """Base of the two frozen encoders: always in eval mode, no parameter requires grad."""
+
+    def train(self, mode: bool = True) -> "FrozenEncoder":
+        return super().train(False)
+
+    def freeze(self) -> "FrozenEncoder":
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())   # parameters() counts a shared module once
+
+
+def _strip_prefix_shards(path, prefixes: Sequence[str]):
+    """Yield (label, {key without prefix: tensor}) per shard of `path`, keeping only keys under a prefix.
+
+    The label names the file and the prefix, so that a loader error reads `.../model.safetensors
+    [model.encoder.*]: key layers.0.fc1.weight has shape ...`.
+    """
+    for file, sd in iter_checkpoint(path):
+        out, used = {}, set()
+        for k, t in sd.items():
+            for p in prefixes:
+                if k.startswith(p):
+                    out[k[len(p):]] = t
+                    used.add(p)
+                    break
+        yield f"{file} [{', '.join(p + '*' for p in sorted(used)) or 'no encoder keys'}]", out
+
+
+# ------------------------------------------------------------------ Whisper encoder
+
+@dataclass
+class WhisperEncoderConfig:
+    d_model: int = 1280
+    encoder_layers: int = 32
+    encoder_attention_heads: int = 20
+    encoder_ffn_dim: int = 5120
+    num_mel_bins: int = 80
+    max_source_positions: int = 1500     # output frames; the input is 2x as many mel frames (30 s)
+
+    def __post_init__(self):
+        if self.d_model % self.encoder_attention_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of encoder_attention_heads "
+                             f"({self.encoder_attention_heads})")
+
+    @property
+    def n_frames(self) -> int:
+        """Mel frames the encoder takes: conv2 has stride 2, so 2 per output position (3000 = 30 s)."""
+        return 2 * self.max_source_positions
+
+    @classmethod
+    def from_name(cls, name: str) -> "WhisperEncoderConfig":
+        if name not in WHISPER_PRESETS:
+            raise ValueError(f"unknown Whisper preset {name!r}; known: {', '.join(WHISPER_PRESETS)}")
+        return replace(WHISPER_PRESETS[name])
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "WhisperEncoderConfig":
+        """The encoder's part of an HF WhisperConfig dict (config.json of openai/whisper-*)."""
+        if cfg.get("activation_function", "gelu") != "gelu":
+            raise ValueError(f"{source}: activation_function {cfg['activation_function']!r} is not supported (gelu)")
+        if cfg.get("scale_embedding", False):
+            raise ValueError(f"{source}: scale_embedding=True is not supported")
+        try:
+            return cls(d_model=cfg["d_model"], encoder_layers=cfg["encoder_layers"],
+                       encoder_attention_heads=cfg["encoder_attention_heads"],
+                       encoder_ffn_dim=cfg["encoder_ffn_dim"], num_mel_bins=cfg["num_mel_bins"],
+                       max_source_positions=cfg["max_source_positions"])
+        except KeyError as e:
+            raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+
+    @classmethod
+    def from_dir(cls, ckpt_dir: str | os.PathLike) -> "WhisperEncoderConfig":
+        path = Path(ckpt_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (pass config= to from_pretrained, "
+                                    f"e.g. config='whisper-large-v2')")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_hf_config(cfg, source=str(path))
+
+
+WHISPER_PRESETS = {
+    # openai/whisper-large-v2 config.json (encoder part)
+    "whisper-large-v2": WhisperEncoderConfig(d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+                                             encoder_ffn_dim=5120, num_mel_bins=80, max_source_positions=1500),
+}
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    """Whisper's positional table (length, channels): sin on the first half of channels, cos on the second."""
+    assert channels % 2 == 0, f"channels must be even, got {channels}"
+    log_timescale_increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2, dtype=torch.float))
+    scaled_time = torch.arange(length, dtype=torch.float)[:, None] * inv_timescales[None, :]
+    return torch.cat([scaled_time.sin(), scaled_time.cos()], dim=1)
+
+
+class WhisperSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)   # Whisper's key projection has no bias
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)      # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)                          # (B, nh, T, hd), scale hd^-0.5
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class WhisperEncoderLayer(nn.Module):
+    def __init__(self, cfg: WhisperEncoderConfig):
+        super().__init__()
+        self.self_attn = WhisperSelfAttention(cfg.d_model, cfg.encoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x))                  # pre-LN
+        x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        if x.dtype == torch.float16:   # HF clamps fp16 activations after every layer; so do we, for parity
+            big = torch.finfo(torch.float16).max - 1000
+            x = x.clamp(-big, big)
+        return x
+
+
+class WhisperEncoder(FrozenEncoder):
+    """The encoder of Whisper with HF's module names: `model.encoder.<key>` in the checkpoint is `<key>` here."""
+
+    def __init__(self, cfg: WhisperEncoderConfig):
+        super().__init__()
+        self.config = cfg
+        d = cfg.d_model
+        self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        # sinusoidal and never trained, but stored in the checkpoint as a weight: loaded, not recomputed
+        self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
+        self.layers = nn.ModuleList(WhisperEncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layer_norm = nn.LayerNorm(d)
+        if not self.embed_positions.weight.is_meta:      # built from scratch: Whisper's own table
+            with torch.no_grad():
+                self.embed_positions.weight.copy_(sinusoids(cfg.max_source_positions, d))
+        self.freeze()
+
+    def forward(self, mel: torch.Tensor, allow_short: bool = False) -> torch.Tensor:
+        """Log-mel (B, n_mels, 3000) -> hidden states (B, 1500, d_model) at 50 Hz.
+
+        Whisper is trained on exactly 30 s (3000 frames, shorter audio padded) and HF rejects any other
+        length. allow_short=True accepts T < 3000 frames and returns (B, ceil(T/2), d_model) using only
+        the first ceil(T/2) positions: faster, but NOT equal to the first frames of the 30-s output
+        (attention then sees no padding frames), so not what SALMONN / AI-STA computed.
+        """
+        cfg = self.config
+        if mel.dim() != 3 or mel.shape[1] != cfg.num_mel_bins:
+            raise ValueError(f"Whisper encoder expects log-mel of shape (B, {cfg.num_mel_bins}, {cfg.n_frames}), "
+                             f"got {tuple(mel.shape)}")
+        T = mel.shape[2]
+        if T != cfg.n_frames and not (allow_short and 0 < T < cfg.n_frames):
+            raise ValueError(f"Whisper encoder expects exactly {cfg.n_frames} mel frames (30 s, pad shorter "
+                             f"audio), got {T}" + ("" if T < cfg.n_frames else " (longer input is never allowed)")
+                             + ("" if allow_short or T > cfg.n_frames else "; allow_short=True accepts fewer"))
+        x = mel.to(self.conv1.weight.dtype)
+        x = F.gelu(self.conv1(x))                                             # (B, d, T)
+        x = F.gelu(self.conv2(x))                                             # (B, d, T/2)
+        x = x.transpose(1, 2)                                                 # (B, T/2, d)
+        x = x + self.embed_positions.weight[:x.shape[1]]
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                        device: torch.device | str = "cpu",
+                        config: WhisperEncoderConfig | str | None = None) -> "WhisperEncoder":
+        """Load the encoder from an HF Whisper checkpoint: a directory (config.json + model.safetensors or
+        any format `iter_checkpoint` reads) or a weights file (its directory's config.json is used unless
+        `config` — a WhisperEncoderConfig or a preset name — is given).
+
+        Keys under `model.encoder.` (WhisperForConditionalGeneration, openai/whisper-*) or `encoder.`
+        (a saved WhisperModel) are loaded with the prefix stripped; decoder keys and `proj_out` are ignored.
+        """
+        path = Path(path)
+        if isinstance(config, str):
+            config = WhisperEncoderConfig.from_name(config)
+        if config is None:
+            config = WhisperEncoderConfig.from_dir(path if path.is_dir() else path.parent)
+        with torch.device("meta"):
+            model = cls(config)
+        load_state_dict_into(model, _strip_prefix_shards(path, ("model.encoder.", "encoder.")), path,
+                             dtype=dtype, device=device)
+        return model.freeze()
+
