@@ -1,4 +1,11 @@
-"""The frozen encoders: Whisper's equals HF transformers' WhisperEncoder."""
+"""The frozen encoders: Whisper's equals HF transformers' WhisperEncoder; BEATs equals the official code.
+
+BEATs is checked against golden tensors produced once by the official implementation (github
+microsoft/unilm `beats/`, commit 768a3c873f59) from a tiny random checkpoint in the official format;
+tests/data/README.md says how (config, seeds). Only the tensors and the tiny checkpoint are committed.
+"""
+import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,9 +13,14 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from model import CheckpointError, WhisperEncoder, WhisperEncoderConfig, sinusoids
+from model import (BEATs, BEATsConfig, CheckpointError, WhisperEncoder, WhisperEncoderConfig,
+                   _reduce_padding_mask, relative_position_bucket, sinusoids)
 
 transformers = pytest.importorskip("transformers")
+
+DATA = Path(__file__).parent / "data"
+BEATS_CKPT = DATA / "beats_tiny.pt"
+BEATS_GOLDEN = DATA / "beats_tiny_golden.pt"
 
 # ----------------------------------------------------------------------------------------------------
 # Whisper
@@ -149,11 +161,183 @@ def test_whisper_checkpoint_errors(tmp_path):
         WhisperEncoder.from_pretrained(tmp_path)
 
 
-def test_whisper_stays_frozen_under_parent_train(tmp_path):
+# ----------------------------------------------------------------------------------------------------
+# BEATs
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def golden():
+    g = torch.load(BEATS_GOLDEN, weights_only=True)
+    pad = torch.arange(g["num_samples"])[None, :] >= g["lengths"][:, None]     # (2, N) waveform level
+    return g, g["fbank"].float(), pad
+
+
+@pytest.fixture(scope="module")
+def beats_tiny():
+    return BEATs.from_pretrained(BEATS_CKPT, dtype=torch.float32)
+
+
+def test_beats_matches_official(beats_tiny, golden):
+    g, fbank, pad = golden
+    out, mask = beats_tiny(fbank)
+    assert mask is None and out.shape == (2, 8 * (173 // 16), 32)
+    assert_close(out, g["features"], rtol=1e-5, atol=1e-5)
+
+    out, mask = beats_tiny(fbank, pad)
+    assert torch.equal(mask, g["padding_mask_out"])
+    assert 0 < int(mask[1].sum()) < 80 and not mask[0].any()           # row 1 is padded, row 0 is not
+    assert_close(out, g["features_padded"], rtol=1e-5, atol=1e-5)
+    # padding changes the real frames' outputs too (masked keys, zeroed input of the positional conv)
+    assert not torch.allclose(g["features_padded"][1, :40], g["features"][1, :40], atol=1e-2)
+
+    # a frame-level mask (B, T) gives the same result: its first reduction is the identity
+    frame_mask = _reduce_padding_mask(pad, fbank.shape[1])
+    out2, mask2 = beats_tiny(fbank, frame_mask)
+    assert torch.equal(mask2, mask) and torch.equal(out2, out)
+
+
+def test_beats_padding_mask_reduction_is_the_official_one():
+    """Waveform (B, N) -> frames (B, T) -> tokens (B, T'): trim N mod T, groups of N // T, all() per group."""
+    mask = torch.zeros(1, 28000, dtype=torch.bool)
+    mask[0, 17000:] = True
+    frames = _reduce_padding_mask(mask, 173)       # 28000 = 173 · 161 + 147: 147 trimmed, groups of 161
+    first_pad = int(frames[0].float().argmax())
+    assert first_pad == -(-17000 // 161) and frames[0, first_pad:].all()
+    tokens = _reduce_padding_mask(frames, 80)      # 173 = 80 · 2 + 13: 13 trimmed, pairs of frames
+    assert tokens[0].tolist() == [2 * i >= first_pad for i in range(80)]
+
+
+def test_relative_position_bucket_values():
+    """T5 bidirectional buckets for the real config (320 buckets, max distance 800), worked out by hand:
+    half = 160, max_exact = 80; a key to the right adds 160; far distances: 80 + floor(log10(d/80) · 80)."""
+    rel = torch.tensor([0, -1, 1, -79, 79, 80, -80, 100, 799, 800, 5000, -5000])
+    want = [0, 1, 161, 79, 239, 240, 80, 160 + 87, 319, 319, 319, 159]
+    assert relative_position_bucket(rel, 320, 800).tolist() == want
+
+
+def official_key_shapes(E=768, L=12, H=12, F=3072, D=512, P=16, K=128, G=16, buckets=320, classes=527):
+    """The official state-dict layout (reference-facts.md §1, official BEATs code), with its shapes."""
+    keys = {"patch_embedding.weight": (D, 1, P, P), "layer_norm.weight": (D,), "layer_norm.bias": (D,),
+            "post_extract_proj.weight": (E, D), "post_extract_proj.bias": (E,),
+            "encoder.pos_conv.0.weight_g": (1, 1, K), "encoder.pos_conv.0.weight_v": (E, E // G, K),
+            "encoder.pos_conv.0.bias": (E,), "encoder.layer_norm.weight": (E,), "encoder.layer_norm.bias": (E,),
+            "predictor.weight": (classes, E), "predictor.bias": (classes,)}
+    for i in range(L):
+        p = f"encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            keys[p + f"self_attn.{proj}.weight"], keys[p + f"self_attn.{proj}.bias"] = (E, E), (E,)
+        keys[p + "self_attn.grep_linear.weight"], keys[p + "self_attn.grep_linear.bias"] = (8, E // H), (8,)
+        keys[p + "self_attn.grep_a"] = (1, H, 1, 1)
+        keys[p + "self_attn.relative_attention_bias.weight"] = (buckets, H)   # one table, under every layer
+        for ln in ("self_attn_layer_norm", "final_layer_norm"):
+            keys[p + f"{ln}.weight"], keys[p + f"{ln}.bias"] = (E,), (E,)
+        keys[p + "fc1.weight"], keys[p + "fc1.bias"] = (F, E), (F,)
+        keys[p + "fc2.weight"], keys[p + "fc2.bias"] = (E, F), (E,)
+    return keys
+
+
+def to_ours(official: dict) -> dict:
+    """The official layout -> ours: no `predictor.*`; weight_g, weight_v -> one folded `weight`."""
+    out = {k: s for k, s in official.items() if not k.startswith("predictor.")}
+    del out["encoder.pos_conv.0.weight_g"]
+    out["encoder.pos_conv.0.weight"] = out.pop("encoder.pos_conv.0.weight_v")
+    return out
+
+
+def test_beats_keys_match_official_checkpoint():
+    # the tiny checkpoint written by the official code
+    official = {k: tuple(v.shape) for k, v in torch.load(BEATS_CKPT, weights_only=True)["model"].items()}
+    assert official == official_key_shapes(E=32, L=2, H=2, F=64, D=24, P=16, K=16, G=4, buckets=32, classes=5)
+    cfg = BEATsConfig.from_checkpoint_cfg(torch.load(BEATS_CKPT, weights_only=True)["cfg"])
+    with torch.device("meta"):
+        tiny = BEATs(cfg)
+    assert {k: tuple(v.shape) for k, v in tiny.state_dict().items()} == to_ours(official)
+    # the real preset, against the official layout with the real config
+    with torch.device("meta"):
+        real = BEATs(BEATsConfig.from_name("beats-iter3-plus-as2m-cpt2"))
+    assert {k: tuple(v.shape) for k, v in real.state_dict().items()} == to_ours(official_key_shapes())
+    assert real.encoder.layers[0].deep_norm_alpha == pytest.approx(24 ** 0.25)
+    assert real.encoder.layers[11].self_attn.relative_attention_bias is real.encoder.layers[0].self_attn.relative_attention_bias
+    assert 90e6 < real.num_parameters() < 91e6   # 90.3 M (the shared table counted once)
+
+
+def test_beats_loads_weight_norm_folded(beats_tiny):
+    sd = torch.load(BEATS_CKPT, weights_only=True)["model"]
+    g, v = sd["encoder.pos_conv.0.weight_g"], sd["encoder.pos_conv.0.weight_v"]
+    w = beats_tiny.encoder.pos_conv[0].weight
+    assert_close(w, torch._weight_norm(v, g, 2))
+    assert_close(w.norm(dim=(0, 1)), g.flatten())          # |w| per kernel tap equals g
+
+
+def save_beats(tmp_path, edit):
+    ckpt = torch.load(BEATS_CKPT, weights_only=True)
+    edit(ckpt)
+    path = tmp_path / "beats.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("edit,error", [
+    (lambda c: c.pop("cfg"), r"beats\.pt: not an official BEATs checkpoint: expected a dict with 'cfg' and 'model'"),
+    (lambda c: c.update(cfg=[1, 2]), r"beats\.pt \['cfg'\]: expected a dict, found list"),
+    (lambda c: c["cfg"].update(layer_norm_first=True), r"\['cfg'\]: BEATs cfg layer_norm_first=True is not supported"),
+    (lambda c: c["model"].pop("encoder.layers.1.fc2.bias"), r"beats\.pt: missing key.*encoder\.layers\.1\.fc2\.bias"),
+    (lambda c: c["model"].update({"encoder.layers.0.fc1.weight": torch.zeros(32, 64)}),
+     r"beats\.pt: key encoder\.layers\.0\.fc1\.weight has shape \(32, 64\), but the model expects \(64, 32\)"),
+    (lambda c: c["model"].pop("encoder.pos_conv.0.weight_g"), r"beats\.pt: missing key encoder\.pos_conv\.0\.weight_g"),
+    (lambda c: c["model"].update({"encoder.pos_conv.0.weight_v": torch.zeros(32, 8, 15)}),
+     r"key encoder\.pos_conv\.0\.weight_v has shape \(32, 8, 15\), but the model expects \(32, 8, 16\)"),
+    (lambda c: c["model"].update({"encoder.layers.1.self_attn.relative_attention_bias.weight": torch.zeros(32, 2)}),
+     r"encoder\.layers\.1\.self_attn\.relative_attention_bias\.weight \(32, 2\) differs from encoder\.layers\.0"),
+    (lambda c: c["cfg"].update(extra=argparse.Namespace(a=1)), r"beats\.pt: torch\.load\(weights_only=True\) refuses the object argparse\.Namespace"),
+])
+def test_beats_checkpoint_errors(tmp_path, edit, error):
+    path = save_beats(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=error):
+        BEATs.from_pretrained(path)
+
+
+def test_beats_accepts_a_single_copy_of_the_shared_table(tmp_path, beats_tiny, golden):
+    path = save_beats(tmp_path, lambda c: c["model"].pop("encoder.layers.1.self_attn.relative_attention_bias.weight"))
+    m = BEATs.from_pretrained(path, dtype=torch.float32)
+    _, fbank, _ = golden
+    assert torch.equal(m(fbank)[0], beats_tiny(fbank)[0])
+
+
+def test_beats_input_errors(beats_tiny, golden):
+    _, fbank, pad = golden
+    with pytest.raises(ValueError, match=r"\(B, T, 128\), got \(2, 128, 173\)"):
+        beats_tiny(fbank.transpose(1, 2))
+    with pytest.raises(ValueError, match="at least 16 fbank frames, got 15"):
+        beats_tiny(fbank[:, :15])
+    with pytest.raises(ValueError, match=r"N >= 173.*got \(2, 100\)"):
+        beats_tiny(fbank, pad[:, :100])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Both: frozen, whatever the parent does
+# ----------------------------------------------------------------------------------------------------
+
+def test_encoders_stay_frozen_under_parent_train(tmp_path):
     hf = make_hf_whisper("WhisperModel", 50)
     hf.save_pretrained(tmp_path)
-    parent = nn.ModuleDict(dict(speech_encoder=WhisperEncoder.from_pretrained(tmp_path, dtype=torch.float32),
-                                proj=nn.Linear(4, 4)))
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.speech_encoder = WhisperEncoder.from_pretrained(tmp_path, dtype=torch.float32)
+            self.beats = BEATs.from_pretrained(BEATS_CKPT, dtype=torch.float32)
+            self.proj = nn.Linear(4, 4)
+
+    parent = Parent()
     parent.train()
-    assert parent.proj.training and not any(m.training for m in parent.speech_encoder.modules())
-    assert not any(p.requires_grad for p in parent.speech_encoder.parameters())
+    assert parent.training and parent.proj.training
+    for enc in (parent.speech_encoder, parent.beats):
+        assert not any(m.training for m in enc.modules())
+        assert not any(p.requires_grad for p in enc.parameters())
+    assert all(p.requires_grad for p in parent.proj.parameters())
+    # in "training" the outputs are still deterministic and equal to eval's (no dropout anywhere)
+    g = torch.load(BEATS_GOLDEN, weights_only=True)
+    assert_close(parent.beats(g["fbank"].float())[0], g["features"], rtol=1e-5, atol=1e-5)
+    # a freshly built (not loaded) encoder is frozen too
+    assert not any(p.requires_grad for p in WhisperEncoder(WhisperEncoderConfig(32, 1, 2, 64, 80, 50)).parameters())
