@@ -5,6 +5,7 @@ This file holds, top to bottom:
      .bin / .pt, sharded .bin), assigning tensors in place into a model built on the meta device;
   2. the decoder-only LLM shared by both backbones (Qwen2-7B, Vicuna-13B-v1.1 = Llama), its presets,
      its KV cache, greedy and beam-search generation, and the two tokenizers.
+  3. the frozen ears: Whisper-large-v2's encoder (HF's key layout) and BEATs iter3+ (the official one).
 
 Quirks of the LLM family worth knowing before reading the code:
   - Llama and Qwen2 are the same network: pre-RMSNorm blocks, rotate-half RoPE (dimension j is paired
@@ -19,7 +20,9 @@ Quirks of the LLM family worth knowing before reading the code:
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -702,3 +705,523 @@ def load_tokenizer(ckpt_dir: str | os.PathLike) -> Tokenizer:
     if (d / "tokenizer.json").is_file():
         return BPETokenizer(d / "tokenizer.json")
     raise FileNotFoundError(f"{d}: no tokenizer.model (SentencePiece) or tokenizer.json (BPE) found")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The ears: Whisper encoder and BEATs
+# ----------------------------------------------------------------------------------------------------
+#
+# Both encoders are frozen feature extractors. They always run as in eval mode (their `train()` is a
+# no-op, so a parent's `model.train()` cannot switch dropout back on, as it silently did for BEATs in
+# SALMONN) and their parameters never require grad. Neither implements dropout at all.
+#
+# Quirks worth knowing before reading the code:
+#   - Whisper: the key projection has no bias; the sinusoidal positions are a stored weight; HF accepts
+#     exactly 2·max_source_positions = 3000 mel frames (30 s) and so do we (allow_short is opt-in).
+#   - BEATs is post-LN with deep norm: x = LN(α·x + f(x)), α = (2·layers)^(1/4); the encoder LayerNorm
+#     comes BEFORE the layers (layer_norm_first=False).
+#   - One relative-position table (T5 buckets) is owned by layer 0 and shared by every layer; each layer
+#     scales it per query by a learnt gate (gru_rel_pos). The checkpoint repeats the table under each layer.
+#   - The positional conv is weight-normalised in the checkpoint (weight_g, weight_v): folded at load time.
+#   - BEATs takes its padding mask at the waveform level and reduces it twice (frames, then patches).
+
+class FrozenEncoder(nn.Module):
+    """Base of the two frozen encoders: always in eval mode, no parameter requires grad."""
+
+    def train(self, mode: bool = True) -> "FrozenEncoder":
+        return super().train(False)
+
+    def freeze(self) -> "FrozenEncoder":
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())   # parameters() counts a shared module once
+
+
+def _strip_prefix_shards(path, prefixes: Sequence[str]):
+    """Yield (label, {key without prefix: tensor}) per shard of `path`, keeping only keys under a prefix.
+
+    The label names the file and the prefix, so that a loader error reads `.../model.safetensors
+    [model.encoder.*]: key layers.0.fc1.weight has shape ...`.
+    """
+    for file, sd in iter_checkpoint(path):
+        out, used = {}, set()
+        for k, t in sd.items():
+            for p in prefixes:
+                if k.startswith(p):
+                    out[k[len(p):]] = t
+                    used.add(p)
+                    break
+        yield f"{file} [{', '.join(p + '*' for p in sorted(used)) or 'no encoder keys'}]", out
+
+
+# ------------------------------------------------------------------ Whisper encoder
+
+@dataclass
+class WhisperEncoderConfig:
+    d_model: int = 1280
+    encoder_layers: int = 32
+    encoder_attention_heads: int = 20
+    encoder_ffn_dim: int = 5120
+    num_mel_bins: int = 80
+    max_source_positions: int = 1500     # output frames; the input is 2x as many mel frames (30 s)
+
+    def __post_init__(self):
+        if self.d_model % self.encoder_attention_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of encoder_attention_heads "
+                             f"({self.encoder_attention_heads})")
+
+    @property
+    def n_frames(self) -> int:
+        """Mel frames the encoder takes: conv2 has stride 2, so 2 per output position (3000 = 30 s)."""
+        return 2 * self.max_source_positions
+
+    @classmethod
+    def from_name(cls, name: str) -> "WhisperEncoderConfig":
+        if name not in WHISPER_PRESETS:
+            raise ValueError(f"unknown Whisper preset {name!r}; known: {', '.join(WHISPER_PRESETS)}")
+        return replace(WHISPER_PRESETS[name])
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "WhisperEncoderConfig":
+        """The encoder's part of an HF WhisperConfig dict (config.json of openai/whisper-*)."""
+        if cfg.get("activation_function", "gelu") != "gelu":
+            raise ValueError(f"{source}: activation_function {cfg['activation_function']!r} is not supported (gelu)")
+        if cfg.get("scale_embedding", False):
+            raise ValueError(f"{source}: scale_embedding=True is not supported")
+        try:
+            return cls(d_model=cfg["d_model"], encoder_layers=cfg["encoder_layers"],
+                       encoder_attention_heads=cfg["encoder_attention_heads"],
+                       encoder_ffn_dim=cfg["encoder_ffn_dim"], num_mel_bins=cfg["num_mel_bins"],
+                       max_source_positions=cfg["max_source_positions"])
+        except KeyError as e:
+            raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+
+    @classmethod
+    def from_dir(cls, ckpt_dir: str | os.PathLike) -> "WhisperEncoderConfig":
+        path = Path(ckpt_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (pass config= to from_pretrained, "
+                                    f"e.g. config='whisper-large-v2')")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_hf_config(cfg, source=str(path))
+
+
+WHISPER_PRESETS = {
+    # openai/whisper-large-v2 config.json (encoder part)
+    "whisper-large-v2": WhisperEncoderConfig(d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+                                             encoder_ffn_dim=5120, num_mel_bins=80, max_source_positions=1500),
+}
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    """Whisper's positional table (length, channels): sin on the first half of channels, cos on the second."""
+    assert channels % 2 == 0, f"channels must be even, got {channels}"
+    log_timescale_increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2, dtype=torch.float))
+    scaled_time = torch.arange(length, dtype=torch.float)[:, None] * inv_timescales[None, :]
+    return torch.cat([scaled_time.sin(), scaled_time.cos()], dim=1)
+
+
+class WhisperSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)   # Whisper's key projection has no bias
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)      # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)                          # (B, nh, T, hd), scale hd^-0.5
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class WhisperEncoderLayer(nn.Module):
+    def __init__(self, cfg: WhisperEncoderConfig):
+        super().__init__()
+        self.self_attn = WhisperSelfAttention(cfg.d_model, cfg.encoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x))                  # pre-LN
+        x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        if x.dtype == torch.float16:   # HF clamps fp16 activations after every layer; so do we, for parity
+            big = torch.finfo(torch.float16).max - 1000
+            x = x.clamp(-big, big)
+        return x
+
+
+class WhisperEncoder(FrozenEncoder):
+    """The encoder of Whisper with HF's module names: `model.encoder.<key>` in the checkpoint is `<key>` here."""
+
+    def __init__(self, cfg: WhisperEncoderConfig):
+        super().__init__()
+        self.config = cfg
+        d = cfg.d_model
+        self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        # sinusoidal and never trained, but stored in the checkpoint as a weight: loaded, not recomputed
+        self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
+        self.layers = nn.ModuleList(WhisperEncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layer_norm = nn.LayerNorm(d)
+        if not self.embed_positions.weight.is_meta:      # built from scratch: Whisper's own table
+            with torch.no_grad():
+                self.embed_positions.weight.copy_(sinusoids(cfg.max_source_positions, d))
+        self.freeze()
+
+    def forward(self, mel: torch.Tensor, allow_short: bool = False) -> torch.Tensor:
+        """Log-mel (B, n_mels, 3000) -> hidden states (B, 1500, d_model) at 50 Hz.
+
+        Whisper is trained on exactly 30 s (3000 frames, shorter audio padded) and HF rejects any other
+        length. allow_short=True accepts T < 3000 frames and returns (B, ceil(T/2), d_model) using only
+        the first ceil(T/2) positions: faster, but NOT equal to the first frames of the 30-s output
+        (attention then sees no padding frames), so not what SALMONN / AI-STA computed.
+        """
+        cfg = self.config
+        if mel.dim() != 3 or mel.shape[1] != cfg.num_mel_bins:
+            raise ValueError(f"Whisper encoder expects log-mel of shape (B, {cfg.num_mel_bins}, {cfg.n_frames}), "
+                             f"got {tuple(mel.shape)}")
+        T = mel.shape[2]
+        if T != cfg.n_frames and not (allow_short and 0 < T < cfg.n_frames):
+            raise ValueError(f"Whisper encoder expects exactly {cfg.n_frames} mel frames (30 s, pad shorter "
+                             f"audio), got {T}" + ("" if T < cfg.n_frames else " (longer input is never allowed)")
+                             + ("" if allow_short or T > cfg.n_frames else "; allow_short=True accepts fewer"))
+        x = mel.to(self.conv1.weight.dtype)
+        x = F.gelu(self.conv1(x))                                             # (B, d, T)
+        x = F.gelu(self.conv2(x))                                             # (B, d, T/2)
+        x = x.transpose(1, 2)                                                 # (B, T/2, d)
+        x = x + self.embed_positions.weight[:x.shape[1]]
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                        device: torch.device | str = "cpu",
+                        config: WhisperEncoderConfig | str | None = None) -> "WhisperEncoder":
+        """Load the encoder from an HF Whisper checkpoint: a directory (config.json + model.safetensors or
+        any format `iter_checkpoint` reads) or a weights file (its directory's config.json is used unless
+        `config` — a WhisperEncoderConfig or a preset name — is given).
+
+        Keys under `model.encoder.` (WhisperForConditionalGeneration, openai/whisper-*) or `encoder.`
+        (a saved WhisperModel) are loaded with the prefix stripped; decoder keys and `proj_out` are ignored.
+        """
+        path = Path(path)
+        if isinstance(config, str):
+            config = WhisperEncoderConfig.from_name(config)
+        if config is None:
+            config = WhisperEncoderConfig.from_dir(path if path.is_dir() else path.parent)
+        with torch.device("meta"):
+            model = cls(config)
+        load_state_dict_into(model, _strip_prefix_shards(path, ("model.encoder.", "encoder.")), path,
+                             dtype=dtype, device=device)
+        return model.freeze()
+
+
+# ------------------------------------------------------------------ BEATs
+
+BEATS_N_MELS = 128          # Kaldi fbank bins of the official preprocess (computed in data.py)
+
+
+@dataclass
+class BEATsConfig:
+    """Names and defaults are those of the official BEATsConfig, so a checkpoint's `cfg` dict means here what
+    it means there (a field it omits takes the official default). Its training-only fields (dropouts,
+    layerdrop, layer-wise gradient decay, the AudioSet predictor) are ignored: the encoder is frozen."""
+    input_patch_size: int = -1           # -1 in the official defaults: every checkpoint sets it (16)
+    embed_dim: int = 512                 # patch embedding width
+    conv_bias: bool = False
+    encoder_layers: int = 12
+    encoder_embed_dim: int = 768
+    encoder_ffn_embed_dim: int = 3072
+    encoder_attention_heads: int = 12
+    activation_fn: str = "gelu"
+    layer_norm_first: bool = False
+    deep_norm: bool = False
+    conv_pos: int = 128                  # kernel of the convolutional positional embedding
+    conv_pos_groups: int = 16
+    relative_position_embedding: bool = False
+    num_buckets: int = 320
+    max_distance: int = 1280
+    gru_rel_pos: bool = False
+
+    def __post_init__(self):
+        # what this implementation covers (and is tested against): the iter3 / iter3+ networks
+        supported = dict(activation_fn="gelu", layer_norm_first=False, relative_position_embedding=True,
+                         gru_rel_pos=True)
+        for k, v in supported.items():
+            if getattr(self, k) != v:
+                raise ValueError(f"BEATs cfg {k}={getattr(self, k)!r} is not supported (only {k}={v!r}, "
+                                 f"as in the iter3 / iter3+ checkpoints)")
+        if self.input_patch_size <= 0:
+            raise ValueError(f"BEATs cfg input_patch_size={self.input_patch_size} (the checkpoint's cfg must set it)")
+        if self.encoder_embed_dim % self.encoder_attention_heads:
+            raise ValueError(f"encoder_embed_dim ({self.encoder_embed_dim}) must be a multiple of "
+                             f"encoder_attention_heads ({self.encoder_attention_heads})")
+
+    @classmethod
+    def from_name(cls, name: str) -> "BEATsConfig":
+        if name not in BEATS_PRESETS:
+            raise ValueError(f"unknown BEATs preset {name!r}; known: {', '.join(BEATS_PRESETS)}")
+        return replace(BEATS_PRESETS[name])
+
+    @classmethod
+    def from_checkpoint_cfg(cls, cfg: dict, source: str = "cfg") -> "BEATsConfig":
+        """From the `cfg` dict of an official checkpoint; fields this network does not use are ignored."""
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{source}: expected a dict, found {type(cfg).__name__}")
+        try:
+            return cls(**{k: v for k, v in cfg.items() if k in cls.__dataclass_fields__})
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+
+
+BEATS_PRESETS = {
+    # BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt, ckpt['cfg'] (the audio encoder of SALMONN / AI-STA)
+    "beats-iter3-plus-as2m-cpt2": BEATsConfig(
+        input_patch_size=16, embed_dim=512, conv_bias=False, encoder_layers=12, encoder_embed_dim=768,
+        encoder_ffn_embed_dim=3072, encoder_attention_heads=12, layer_norm_first=False, deep_norm=True,
+        conv_pos=128, conv_pos_groups=16, relative_position_embedding=True, num_buckets=320, max_distance=800,
+        gru_rel_pos=True),
+}
+
+
+def relative_position_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bidirectional buckets as BEATs computes them: rel = key position - query position -> bucket id.
+
+    Half the buckets are for keys to the right (rel > 0), half for the rest. In each half, distances below
+    max_exact = num_buckets / 4 get a bucket each; larger ones share log-spaced buckets up to max_distance,
+    and everything farther lands in the half's last bucket.
+    """
+    half = num_buckets // 2
+    bucket = (rel > 0).long() * half
+    dist = rel.abs()
+    max_exact = half // 2
+    log_ratio = torch.log(dist.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (half - max_exact)).long()).clamp(max=half - 1)
+    return bucket + torch.where(dist < max_exact, dist, large)
+
+
+def _reduce_padding_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, L) -> (B, n), as the official `forward_padding_mask`: drop the last L mod n columns, cut the rest
+    into n runs of L // n, and call a run padding iff all its columns are."""
+    B, L = mask.shape
+    mask = mask[:, :L - L % n]
+    return mask.reshape(B, n, -1).all(-1)
+
+
+class BEATsSelfAttention(nn.Module):
+    def __init__(self, cfg: BEATsConfig, owns_relative_bias: bool):
+        super().__init__()
+        E, H = cfg.encoder_embed_dim, cfg.encoder_attention_heads
+        self.n_head = H
+        self.q_proj = nn.Linear(E, E)
+        self.k_proj = nn.Linear(E, E)
+        self.v_proj = nn.Linear(E, E)
+        self.out_proj = nn.Linear(E, E)
+        # gated relative position bias (gru_rel_pos): 8 outputs per head from the query, see forward
+        self.grep_linear = nn.Linear(E // H, 8)
+        self.grep_a = nn.Parameter(torch.ones(1, H, 1, 1))
+        if owns_relative_bias:
+            self.relative_attention_bias = nn.Embedding(cfg.num_buckets, H)
+
+    def forward(self, x: torch.Tensor, pos_bias: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, C); pos_bias (1, nh, T, T) the shared relative bias; key_padding_mask (B, T) True = padding."""
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)      # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
+        # each query scales the shared bias by its own gate, from its unscaled projection:
+        # gate_a, gate_b = sigmoid of two sums of 4 grep_linear outputs; scale = gate_a·(gate_b·grep_a − 1) + 2
+        gates = torch.sigmoid(self.grep_linear(q).view(B, self.n_head, T, 2, 4).sum(-1))   # (B, nh, T, 2)
+        gate_a, gate_b = gates.chunk(2, dim=-1)                                          # (B, nh, T, 1)
+        bias = (gate_a * (gate_b * self.grep_a - 1.0) + 2.0) * pos_bias                  # (B, nh, T, T)
+        if key_padding_mask is not None:
+            bias = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        # the official code computes softmax(q·k·hd^-0.5 − rowmax + bias) with q pre-divided by 32 for fp16
+        # range; subtracting a per-row constant does not change the softmax, so SDPA computes the same thing
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                      # (B, nh, T, hd)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class BEATsEncoderLayer(nn.Module):
+    def __init__(self, cfg: BEATsConfig, owns_relative_bias: bool):
+        super().__init__()
+        E = cfg.encoder_embed_dim
+        self.self_attn = BEATsSelfAttention(cfg, owns_relative_bias)
+        self.self_attn_layer_norm = nn.LayerNorm(E)
+        self.fc1 = nn.Linear(E, cfg.encoder_ffn_embed_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_embed_dim, E)
+        self.final_layer_norm = nn.LayerNorm(E)
+        # deep norm (DeepNet): post-LN with the residual up-weighted by alpha = (2N)^(1/4)
+        self.deep_norm_alpha = math.pow(2 * cfg.encoder_layers, 1 / 4) if cfg.deep_norm else 1.0
+
+    def forward(self, x: torch.Tensor, pos_bias: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        a = self.deep_norm_alpha
+        x = self.self_attn_layer_norm(x * a + self.self_attn(x, pos_bias, key_padding_mask))   # post-LN
+        h = F.gelu(self.fc1(x).float()).type_as(x)        # the official code evaluates this GELU in float32
+        return self.final_layer_norm(x * a + self.fc2(h))
+
+
+class BEATsTransformer(nn.Module):
+    """The `encoder.` part: convolutional positional embedding, LayerNorm, post-LN layers."""
+
+    def __init__(self, cfg: BEATsConfig):
+        super().__init__()
+        self.config = cfg
+        E = cfg.encoder_embed_dim
+        # key `encoder.pos_conv.0.*`: the official code wraps this conv in Sequential(conv, SamePad, GELU) and
+        # stores it weight-normalised (weight_g, weight_v over dim 2); the loader folds that into `weight`
+        self.pos_conv = nn.Sequential(nn.Conv1d(E, E, kernel_size=cfg.conv_pos, padding=cfg.conv_pos // 2,
+                                                groups=cfg.conv_pos_groups))
+        self.layers = nn.ModuleList(BEATsEncoderLayer(cfg, owns_relative_bias=(i == 0))
+                                    for i in range(cfg.encoder_layers))
+        # one relative-position table, owned by layer 0 and shared by all layers: as in the official code each
+        # layer registers the same module, so the checkpoint (and our state_dict) lists it under every layer
+        for layer in self.layers[1:]:
+            layer.self_attn.relative_attention_bias = self.layers[0].self_attn.relative_attention_bias
+        self.layer_norm = nn.LayerNorm(E)
+
+    def relative_position_bias(self, T: int, device) -> torch.Tensor:
+        """(1, nh, T, T): the bias of every (query, key) pair, from the table of layer 0."""
+        pos = torch.arange(T, device=device)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.config.num_buckets,
+                                           self.config.max_distance)                 # (T, T)
+        return self.layers[0].self_attn.relative_attention_bias(buckets).permute(2, 0, 1)[None]
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, C), padding_mask (B, T) True = padding -> (B, T, C)."""
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+        x_conv = self.pos_conv(x.transpose(1, 2))                 # (B, C, T + 1) for an even kernel
+        if self.config.conv_pos % 2 == 0:
+            x_conv = x_conv[:, :, :-1]                            # SamePad: drop the extra last frame
+        x = x + F.gelu(x_conv).transpose(1, 2)
+        x = self.layer_norm(x)                                    # layer_norm_first=False: before the layers
+        # computed once (the official code lets layer 0 compute it and hands it on); each layer gates it
+        pos_bias = self.relative_position_bias(x.shape[1], x.device).to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, pos_bias, padding_mask)
+        return x
+
+
+class BEATs(FrozenEncoder):
+    """BEATs (iter3 / iter3+) after its preprocess, with the official module names (checkpoint keys)."""
+
+    def __init__(self, cfg: BEATsConfig):
+        super().__init__()
+        self.config = cfg
+        p = cfg.input_patch_size
+        self.patch_embedding = nn.Conv2d(1, cfg.embed_dim, kernel_size=p, stride=p, bias=cfg.conv_bias)
+        self.layer_norm = nn.LayerNorm(cfg.embed_dim)
+        self.post_extract_proj = (nn.Linear(cfg.embed_dim, cfg.encoder_embed_dim)
+                                  if cfg.embed_dim != cfg.encoder_embed_dim else None)
+        self.encoder = BEATsTransformer(cfg)
+        self.freeze()
+
+    def forward(self, fbank: torch.Tensor, padding_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised Kaldi fbank (B, T, 128) -> features (B, T', C) and padding mask (B, T') or None.
+
+        T' = 8·floor(T/16): 16x16 patches (time x frequency), flattened time-major (token = 8·t + f), so
+        50 tokens/s. padding_mask (B, N) is True on padding and, as in the official `extract_features`,
+        given at the WAVEFORM level (N samples); it is reduced to the T frames, then to the T' tokens, by
+        `_reduce_padding_mask`. A frame-level mask (B, T) also works (its first reduction is the identity).
+        The second reduction marks token i by frames 2i and 2i+1, not by its own patch (frames 16·floor(i/8)
+        onwards): the official quirk, kept; near the end of a clip a token may be marked padding although
+        its patch holds some real frames.
+        """
+        cfg = self.config
+        if fbank.dim() != 3 or fbank.shape[2] != BEATS_N_MELS:
+            raise ValueError(f"BEATs expects fbank of shape (B, T, {BEATS_N_MELS}), got {tuple(fbank.shape)}")
+        B, T, _ = fbank.shape
+        if T < cfg.input_patch_size:
+            raise ValueError(f"BEATs needs at least {cfg.input_patch_size} fbank frames, got {T}")
+        if padding_mask is not None:
+            if padding_mask.dim() != 2 or padding_mask.shape[0] != B or padding_mask.shape[1] < T:
+                raise ValueError(f"BEATs padding_mask must be (B={B}, N >= {T}): the waveform-level mask of "
+                                 f"the N samples the {T} fbank frames came from; got {tuple(padding_mask.shape)}")
+            padding_mask = _reduce_padding_mask(padding_mask.to(device=fbank.device, dtype=torch.bool), T)  # (B, T)
+        x = fbank.to(self.patch_embedding.weight.dtype)[:, None]          # (B, 1, T, 128)
+        x = self.patch_embedding(x)                                        # (B, D, T/16, 8)
+        x = x.flatten(2).transpose(1, 2)                                   # (B, T', D)
+        x = self.layer_norm(x)
+        if padding_mask is not None:
+            padding_mask = _reduce_padding_mask(padding_mask, x.shape[1])  # (B, T')
+        if self.post_extract_proj is not None:
+            x = self.post_extract_proj(x)                                  # (B, T', C)
+        return self.encoder(x, padding_mask), padding_mask
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                        device: torch.device | str = "cpu") -> "BEATs":
+        """Load an official BEATs checkpoint (e.g. BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt): a torch
+        pickle {'cfg': dict, 'model': state dict, 'label_dict': ...}, read with weights_only=True and mmap.
+        The AudioSet classifier (`predictor.*`) is dropped and the weight norm of the positional conv folded.
+        """
+        path = Path(path)
+        try:
+            ckpt = _read_file(path)
+        except CheckpointError as e:
+            culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            if culprit is None:
+                raise
+            # weights_only refuses any pickled class: the checkpoint must hold plain dicts, lists, numbers, tensors
+            raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses the object {culprit[1]} in "
+                                  f"this checkpoint (expected plain Python values in 'cfg' and 'label_dict'). If "
+                                  f"you trust the file, load it once with weights_only=False and re-save "
+                                  f"{{'cfg': dict(...), 'model': state_dict}}.") from None
+        if "cfg" not in ckpt or "model" not in ckpt:
+            raise CheckpointError(f"{path}: not an official BEATs checkpoint: expected a dict with 'cfg' and "
+                                  f"'model', found keys {_list_keys(map(str, ckpt))}")
+        cfg = BEATsConfig.from_checkpoint_cfg(ckpt["cfg"], source=f"{path} ['cfg']")
+        sd = ckpt["model"]
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path}: 'model' should be a state dict, found {type(sd).__name__}")
+        sd, shared = _beats_state_dict(sd, cfg, path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_state_dict_into(model, [(path, sd)], path, dtype=dtype, device=device, allow_missing=shared)
+        return model.freeze()
+
+
+def _beats_state_dict(sd: dict[str, torch.Tensor], cfg: BEATsConfig, path) -> tuple[dict, list[str]]:
+    """Official state dict -> ours: drop `predictor.*`, fold the weight norm, keep one copy of the shared
+    relative bias table. Returns (state dict, keys of the table's other copies, allowed to be absent)."""
+    sd = {k: t for k, t in sd.items() if not k.startswith("predictor.")}
+    # weight norm over dim 2: weight = g · v / ||v||, the norm taken over dims 0 and 1 for each kernel tap
+    g_key, v_key = "encoder.pos_conv.0.weight_g", "encoder.pos_conv.0.weight_v"
+    if g_key in sd or v_key in sd:
+        for k in (g_key, v_key):
+            if k not in sd:
+                raise CheckpointError(f"{path}: missing key {k} (weight_g and weight_v come in pairs)")
+        E, K = cfg.encoder_embed_dim, cfg.conv_pos
+        g, v = sd.pop(g_key), sd.pop(v_key)
+        for k, t, shape in ((g_key, g, (1, 1, K)), (v_key, v, (E, E // cfg.conv_pos_groups, K))):
+            if tuple(t.shape) != shape:
+                raise CheckpointError(f"{path}: key {k} has shape {tuple(t.shape)}, but the model expects {shape}")
+        w = v.float() * (g.float() / v.float().norm(dim=(0, 1), keepdim=True))
+        sd["encoder.pos_conv.0.weight"] = w.to(v.dtype)
+    # the relative bias table is shared: the checkpoint repeats it under every layer; the copies must agree
+    first = "encoder.layers.0.self_attn.relative_attention_bias.weight"
+    others = [f"encoder.layers.{i}.self_attn.relative_attention_bias.weight" for i in range(1, cfg.encoder_layers)]
+    for k in others:
+        if k in sd:
+            if first in sd and not (sd[k].shape == sd[first].shape and torch.equal(sd[k], sd[first])):
+                raise CheckpointError(f"{path}: key {k} {tuple(sd[k].shape)} differs from {first} "
+                                      f"{tuple(sd[first].shape)}: BEATs shares one table across layers")
+            if first in sd:
+                del sd[k]
+    return sd, others
