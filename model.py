@@ -4,8 +4,10 @@ This file holds, top to bottom:
   1. one checkpoint loader for every published format (safetensors, sharded safetensors, pickled
      .bin / .pt, sharded .bin), assigning tensors in place into a model built on the meta device;
   2. the decoder-only LLM shared by both backbones (Qwen2-7B, Vicuna-13B-v1.1 = Llama), its presets,
-     its KV cache, greedy and beam-search generation, and the two tokenizers.
-  3. the frozen ears: Whisper-large-v2's encoder (HF's key layout) and BEATs iter3+ (the official one).
+     its KV cache, greedy and beam-search generation, and the two tokenizers;
+  3. the frozen ears: Whisper-large-v2's encoder (HF's key layout) and BEATs iter3+ (the official one);
+  4. the speech LLM: frozen encoders -> window Q-Former (qformer.py) -> LLM with LoRA (lora.py), its
+     prompt templates, the speech pass (CE + hidden states) and the text pass of the joint stage.
 
 Quirks of the LLM family worth knowing before reading the code:
   - Llama and Qwen2 are the same network: pre-RMSNorm blocks, rotate-half RoPE (dimension j is paired
@@ -31,6 +33,9 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lora import count_trainable, inject_lora, load_salmonn_lora
+from qformer import QFormerConfig, WindowQFormer, load_salmonn_qformer, read_salmonn_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1225,3 +1230,379 @@ def _beats_state_dict(sd: dict[str, torch.Tensor], cfg: BEATsConfig, path) -> tu
             if first in sd:
                 del sd[k]
     return sd, others
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The speech LLM: frozen encoders -> window Q-Former -> LLM with LoRA; prompts; the two passes
+# ----------------------------------------------------------------------------------------------------
+
+SPEECH_SLOT = "<SpeechHere>"   # where the speech embeddings (or, in the text pass, the transcript) go
+
+# Prompt templates, in one place. Each holds exactly one <SpeechHere> and one {instruction}.
+PROMPTS = {
+    # SALMONN (Vicuna): "USER: {}\nASSISTANT:" around "<Speech><SpeechHere></Speech> " + instruction.
+    # <Speech> and </Speech> are plain text; BOS comes first; the target ends with "</s>".
+    "llama": "USER: <Speech><SpeechHere></Speech> {instruction}\nASSISTANT:",
+    # Qwen2-Audio's chat template (the paper uses it for the Qwen2 backbone). <|im_start|> and <|im_end|>
+    # are special tokens of Qwen2-7B; <|audio_bos|> and <|audio_eos|> are NOT in Qwen2-7B's vocabulary
+    # (they are Qwen2-Audio's), so here they are plain text, tokenized like any other characters. The
+    # <|AUDIO|> placeholder of Qwen2-Audio is our <SpeechHere>. The target ends with <|im_end|>.
+    "qwen2": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+              "Audio 1: <|audio_bos|><SpeechHere><|audio_eos|>\n{instruction}<|im_end|>\n<|im_start|>assistant\n"),
+}
+END_OF_TARGET = {"llama": "</s>", "qwen2": "<|im_end|>"}          # the token the model learns to stop on
+STOP_TOKENS = {"llama": ("</s>",), "qwen2": ("<|im_end|>", "<|endoftext|>")}
+
+# Instructions per task; the first of each list is the one used for evaluation and layer selection.
+INSTRUCTIONS = {
+    "asr": ["Recognize the speech and give me the transcription.",
+            "Transcribe the speech into text.",
+            "Write down what is said in this audio.",
+            "Please transcribe the spoken words."],
+    "aac": ["Please describe the audio.",
+            "Describe the sounds in this audio clip.",
+            "Write a short caption for this audio.",
+            "What can you hear in this recording?"],
+    "st_en_zh": ["Listen to the speech and translate it into Chinese.",
+                 "Translate the English speech into Chinese.",
+                 "Please translate what is said into Chinese."],
+    "st_en_ja": ["Listen to the speech and translate it into Japanese.",
+                 "Translate the English speech into Japanese.",
+                 "Please translate what is said into Japanese."],
+}
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """A prompt template -> (text before the speech, text after it, {instruction} still unfilled)."""
+    if prompt.count(SPEECH_SLOT) != 1:
+        raise ValueError(f"a prompt template needs exactly one {SPEECH_SLOT} (found {prompt.count(SPEECH_SLOT)}): "
+                         f"{prompt!r}")
+    before, after = prompt.split(SPEECH_SLOT)
+    if "{instruction}" in before:
+        raise ValueError(f"{{instruction}} must come after {SPEECH_SLOT} in the prompt template: {prompt!r}")
+    return before, after
+
+
+@dataclass
+class PromptBatch:
+    """Token ids of a batch of prompts with a slot of embeddings to fill in each row.
+
+    input_ids      (B, T) long  the slot positions hold pad ids, to be replaced by embeddings
+    attention_mask (B, T) bool  True on real positions (slot included)
+    slot_mask      (B, T) bool  True on the slot (the speech, or the transcript in the text pass)
+    labels         (B, T) long  target ids and end token; -100 everywhere else (None without targets)
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    slot_mask: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+class Prompter:
+    """Turns (instruction, slot length or slot ids, target) into token ids with the backbone's template.
+
+    Every piece is tokenized on its own, as SALMONN does: [BOS] before-text, slot, after-text (with the
+    instruction), target, end token. So the slot's positions are known exactly, and the transcript of the
+    text pass is tokenized the same way whatever surrounds it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, family: str, prompt: str | None = None):
+        self.tok = tokenizer
+        self.template = prompt or PROMPTS[family]
+        self.before, self.after = split_prompt(self.template)
+        self.before_ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(self.before)
+        self.end_id = tokenizer.token_id(END_OF_TARGET[family])
+        self.stop_ids = [tokenizer.token_id(t) for t in STOP_TOKENS[family]]
+
+    def text_ids(self, text: str, what: str) -> list[int]:
+        ids = self.tok.encode(text)
+        if not ids:
+            raise ValueError(f"{what} {text!r} tokenizes to nothing")
+        return ids
+
+    def build(self, instructions: Sequence[str], slots: Sequence[int | list[int]],
+              targets: Sequence[str] | None = None, pad_left: bool = False) -> PromptBatch:
+        """slots[i]: a slot length (filled with embeddings later) or a list of ids (the transcript).
+
+        Training and hidden-state extraction pad on the right; generation pads on the left.
+        """
+        if len(instructions) != len(slots) or (targets is not None and len(targets) != len(slots)):
+            raise ValueError(f"batch sizes differ: {len(instructions)} instructions, {len(slots)} slots"
+                             + (f", {len(targets)} targets" if targets is not None else ""))
+        pad = self.tok.pad_id
+        rows = []
+        for i, (instr, slot) in enumerate(zip(instructions, slots)):
+            after = self.tok.encode(self.after.format(instruction=instr.strip()))
+            slot_ids = [pad] * slot if isinstance(slot, int) else list(slot)
+            ids = self.before_ids + slot_ids + after
+            labels = [-100] * len(ids)
+            if targets is not None:
+                tgt = self.text_ids(targets[i], "target") + [self.end_id]
+                ids, labels = ids + tgt, labels + tgt
+            is_slot = [False] * len(self.before_ids) + [True] * len(slot_ids) + [False] * (len(ids) - len(self.before_ids) - len(slot_ids))
+            rows.append((ids, labels, is_slot))
+        T = max(len(r[0]) for r in rows)
+        B = len(rows)
+        input_ids = torch.full((B, T), pad, dtype=torch.long)
+        labels = torch.full((B, T), -100, dtype=torch.long)
+        attn = torch.zeros(B, T, dtype=torch.bool)
+        slot_mask = torch.zeros(B, T, dtype=torch.bool)
+        for b, (ids, lab, is_slot) in enumerate(rows):
+            sl = slice(T - len(ids), T) if pad_left else slice(0, len(ids))
+            input_ids[b, sl] = torch.tensor(ids)
+            labels[b, sl] = torch.tensor(lab)
+            attn[b, sl] = True
+            slot_mask[b, sl] = torch.tensor(is_slot)
+        return PromptBatch(input_ids, attn, slot_mask, labels if targets is not None else None)
+
+
+@dataclass
+class SpeechLLMConfig:
+    llm: LLMConfig
+    whisper: "WhisperEncoderConfig"
+    beats: "BEATsConfig | None"
+    qformer: QFormerConfig
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    prompt: str | None = None          # None: the backbone family's template in PROMPTS
+
+    def __post_init__(self):
+        q = self.qformer
+        beats_dim = self.beats.encoder_embed_dim if self.beats is not None else 0
+        for field, have, want in (("qformer.llm_hidden", q.llm_hidden, self.llm.hidden_size),
+                                  ("qformer.speech_dim", q.speech_dim, self.whisper.d_model),
+                                  ("qformer.audio_dim", q.audio_dim, beats_dim)):
+            if have != want:
+                raise ValueError(f"SpeechLLMConfig: {field} is {have}, but the model needs {want}")
+        self.lora_targets = tuple(self.lora_targets)
+        if self.prompt is not None:
+            split_prompt(self.prompt)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "SpeechLLMConfig":
+        try:
+            return cls(llm=LLMConfig(**d["llm"]), whisper=WhisperEncoderConfig(**d["whisper"]),
+                       beats=BEATsConfig(**d["beats"]) if d.get("beats") else None,
+                       qformer=QFormerConfig(**d["qformer"]),
+                       **{k: d[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "prompt") if k in d})
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{source}: not a speech-LLM config ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class SpeechOutput:
+    loss: torch.Tensor | None                 # mean CE over all target tokens of the batch (Eq. 2)
+    row_loss: torch.Tensor | None             # (B,) mean CE over each row's target tokens
+    hidden_states: dict[int, torch.Tensor]    # layer -> (B, n, hidden) at the slot (speech or transcript)
+    mask: torch.Tensor                        # (B, n) True on real slot positions
+
+
+TRAINABLE_FILE, CONFIG_FILE = "trainable.safetensors", "speech_llm.json"
+
+
+class SpeechLLM(nn.Module):
+    """SALMONN's architecture (AI-STA §3.1): frozen Whisper + BEATs -> trainable window Q-Former and
+    projection -> frozen LLM with trainable LoRA on q_proj / v_proj.
+
+    Submodules: `speech_encoder` (Whisper), `beats`, `bridge` (WindowQFormer: SALMONN's
+    speech_query_tokens, ln_speech, ln_audio, speech_Qformer, speech_llama_proj), `llm`.
+    """
+
+    def __init__(self, cfg: SpeechLLMConfig, tokenizer: Tokenizer, *, llm: LLM | None = None,
+                 speech_encoder: "WhisperEncoder | None" = None, beats: "BEATs | None" = None):
+        super().__init__()
+        self.config = cfg
+        self.speech_encoder = (speech_encoder or WhisperEncoder(cfg.whisper)).freeze()
+        self.beats = (beats or BEATs(cfg.beats)).freeze() if cfg.beats is not None else None
+        self.bridge = WindowQFormer(cfg.qformer)
+        self.llm = llm or LLM(cfg.llm)
+        # LoRA last: it reuses the loaded base weights and freezes everything else in the LLM
+        inject_lora(self.llm, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        self.prompter = Prompter(tokenizer, cfg.llm.family, cfg.prompt)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, llm_dir: str | os.PathLike, whisper_path: str | os.PathLike,
+                        beats_path: str | os.PathLike | None = None, ckpt: str | os.PathLike | None = None, *,
+                        dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                        lora_r: int = 8, lora_alpha: float = 32.0, lora_dropout: float = 0.1,
+                        prompt: str | None = None, verbose: bool = True) -> "SpeechLLM":
+        """Build from the public checkpoints: the frozen parts in `dtype`, the trainable ones in fp32.
+
+        ckpt: a SALMONN checkpoint (.pth: Q-Former, projection and LoRA) or this project's checkpoint
+        directory (trainable.safetensors + speech_llm.json); None starts the bridge and LoRA fresh.
+        """
+        llm = LLM.from_pretrained(llm_dir, dtype=dtype, device=device)
+        speech_encoder = WhisperEncoder.from_pretrained(whisper_path, dtype=dtype, device=device)
+        beats = BEATs.from_pretrained(beats_path, dtype=dtype, device=device) if beats_path else None
+        qcfg = QFormerConfig(speech_dim=speech_encoder.config.d_model, llm_hidden=llm.config.hidden_size,
+                             audio_dim=beats.config.encoder_embed_dim if beats is not None else 0)
+        cfg = SpeechLLMConfig(llm=llm.config, whisper=speech_encoder.config, qformer=qcfg,
+                              beats=beats.config if beats is not None else None, lora_r=lora_r,
+                              lora_alpha=lora_alpha, lora_dropout=lora_dropout, prompt=prompt)
+        with torch.device(device):
+            model = cls(cfg, load_tokenizer(llm_dir), llm=llm, speech_encoder=speech_encoder, beats=beats)
+        if ckpt is not None:
+            model.load_trainable(ckpt)
+        if verbose:
+            print(model.describe_trainable())
+        return model
+
+    # ------------------------------------------------------------------ trainable parameters
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def describe_trainable(self) -> str:
+        c = count_trainable(self)
+        parts = ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in c.items() if k != "total")
+        return f"trainable parameters: {c['total'] / 1e6:.2f} M ({parts})"
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = set(self.trainable_names())
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def save_trainable(self, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:
+        """This project's checkpoint: the trainable weights (safetensors) + the config and `meta` (JSON)."""
+        from safetensors.torch import save_file
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()},
+                  str(out / TRAINABLE_FILE))
+        (out / CONFIG_FILE).write_text(json.dumps({"config": self.config.to_dict(), "meta": meta or {}}, indent=2))
+        return out
+
+    def load_trainable(self, ckpt: str | os.PathLike) -> None:
+        """Load the trainable weights from this project's checkpoint directory or a SALMONN .pth file."""
+        path = Path(ckpt)
+        if path.is_dir():
+            cfg_file = path / CONFIG_FILE
+            if not cfg_file.is_file():
+                raise CheckpointError(f"{path}: no {CONFIG_FILE} (a checkpoint directory of this project holds "
+                                      f"{TRAINABLE_FILE} and {CONFIG_FILE})")
+            try:
+                saved = json.loads(cfg_file.read_text())["config"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{cfg_file}: not a checkpoint config ({type(e).__name__}: {e})") from None
+            for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
+                if saved.get("llm", {}).get(field) != getattr(self.config.llm, field):
+                    raise CheckpointError(f"{cfg_file}: trained for an LLM with {field}="
+                                          f"{saved.get('llm', {}).get(field)}, this model has "
+                                          f"{getattr(self.config.llm, field)}")
+            self._load_trainable_sd(_read_file(path / TRAINABLE_FILE), path / TRAINABLE_FILE)
+        elif path.is_file():
+            sd = read_salmonn_checkpoint(str(path))
+            load_salmonn_qformer(self.bridge, sd, source=str(path))
+            load_salmonn_lora(self.llm, sd, source=str(path))
+        else:
+            raise CheckpointError(f"{path}: no such checkpoint file or directory")
+
+    def _load_trainable_sd(self, sd: dict[str, torch.Tensor], source) -> None:
+        own = self.trainable_state_dict()
+        missing, unexpected = set(own) - set(sd), set(sd) - set(own)
+        if missing or unexpected:
+            raise CheckpointError(f"{source}: missing key(s) [{_list_keys(missing)}], "
+                                  f"unexpected key(s) [{_list_keys(unexpected)}]")
+        for k, t in sd.items():
+            if tuple(t.shape) != tuple(own[k].shape):
+                raise CheckpointError(f"{source}: key {k} has shape {tuple(t.shape)}, "
+                                      f"but the model expects {tuple(own[k].shape)}")
+        with torch.no_grad():
+            for k, t in sd.items():
+                own[k].copy_(t)
+
+    # ------------------------------------------------------------------ the forward passes
+    def encode_speech(self, mel: torch.Tensor, fbank: torch.Tensor | None = None,
+                      fbank_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mel (B, n_mels, 3000), fbank (B, T, 128) + waveform padding mask (B, N) -> (B, 88, hidden)."""
+        with torch.no_grad():   # the encoders are frozen: no activations kept for backward
+            enc_dtype = next(self.speech_encoder.parameters()).dtype
+            speech = self.speech_encoder(mel.to(enc_dtype))                        # (B, 1500, 1280)
+            audio = None
+            if self.beats is not None:
+                if fbank is None:
+                    raise ValueError("this model has BEATs: encode_speech needs fbank features too")
+                audio, _ = self.beats(fbank.to(enc_dtype), fbank_padding_mask)      # (B, T', 768)
+        return self.bridge(speech, audio)                                           # (B, 88, hidden)
+
+    def _embed(self, batch: PromptBatch, slot: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the slot positions replaced by `slot` (B, n, hidden) when given."""
+        emb = self.llm.model.embed_tokens
+        x = emb(batch.input_ids.to(emb.weight.device))                              # (B, T, hidden)
+        if slot is not None:
+            mask = batch.slot_mask.to(x.device)
+            if int(mask.sum()) != slot.shape[0] * slot.shape[1]:
+                raise ValueError(f"{int(mask.sum())} slot positions for {tuple(slot.shape[:2])} embeddings")
+            x = x.masked_scatter(mask[..., None], slot.to(x.dtype))                 # gradient flows to slot
+        return x
+
+    def speech_pass(self, speech_embeds: torch.Tensor, instructions: Sequence[str],
+                    targets: Sequence[str] | None = None, layers: Sequence[int] = ()) -> SpeechOutput:
+        """The speech pass: CE loss on the targets (Eq. 2) and, on request, the hidden states at the
+        speech positions of `layers` (0 = embeddings), with their mask."""
+        B, n, _ = speech_embeds.shape
+        batch = self.prompter.build(instructions, [n] * B, targets)
+        start = len(self.prompter.before_ids)        # the slot starts at the same position in every row
+        if targets is None:   # only hidden states: by causality nothing after the speech changes them
+            batch = PromptBatch(*(t[:, :start + n] for t in (batch.input_ids, batch.attention_mask, batch.slot_mask)))
+        x = self._embed(batch, speech_embeds)
+        L = self.config.llm.num_hidden_layers
+        want = set(layers) | ({L} if targets is not None else set())
+        out = self.llm(inputs_embeds=x, attention_mask=batch.attention_mask.to(x.device),
+                       output_layers=sorted(want), logits=None)
+        loss = row_loss = None
+        if targets is not None:
+            loss, row_loss = self._ce(out.hidden_states[L], batch.labels.to(x.device))
+        hidden = {l: out.hidden_states[l][:, start:start + n] for l in layers}
+        return SpeechOutput(loss, row_loss, hidden, batch.slot_mask[:, start:start + n].to(x.device))
+
+    def _ce(self, h: torch.Tensor, labels: torch.Tensor):
+        """Cross-entropy of the next-token predictions at the labelled positions only: the lm_head
+        (vocab 152k for Qwen2) runs on the few target positions, not on the whole prompt and speech."""
+        pred = labels[:, 1:] != -100                                               # (B, T-1)
+        logits = self.llm.lm_head(self.llm.model.norm(h[:, :-1][pred])).float()   # (N, vocab)
+        ce = F.cross_entropy(logits, labels[:, 1:][pred], reduction="none")       # (N,)
+        rows = pred.nonzero()[:, 0]
+        count = pred.sum(1)                                                        # (B,)
+        row_loss = torch.zeros(labels.shape[0], device=ce.device).index_add(0, rows, ce) / count
+        return ce.mean(), row_loss
+
+    @torch.no_grad()
+    def text_pass(self, transcripts: Sequence[str], instructions: Sequence[str], layers: Sequence[int]) -> SpeechOutput:
+        """The text pass of the joint stage (§4.3): the same prompt with the transcript's tokens in place of
+        the speech; hidden states at the transcript positions of `layers`, with their mask.
+
+        No gradient (the text side is the target the speech is pulled towards), and LoRA dropout off. The
+        forward stops after max(layers), and at the end of the longest transcript: by causality nothing
+        after a position changes its hidden state, so the instruction and target are never computed.
+        """
+        ids = [self.prompter.text_ids(t, "transcript") for t in transcripts]
+        batch = self.prompter.build(instructions, ids)
+        start, n = len(self.prompter.before_ids), max(len(i) for i in ids)
+        cut = PromptBatch(*(t[:, :start + n] for t in (batch.input_ids, batch.attention_mask, batch.slot_mask)))
+        was_training = self.llm.training
+        self.llm.eval()
+        try:
+            device = self.llm.model.embed_tokens.weight.device
+            out = self.llm(input_ids=cut.input_ids.to(device), attention_mask=cut.attention_mask.to(device),
+                           output_layers=sorted(set(layers)), logits=None)
+        finally:
+            self.llm.train(was_training)
+        hidden = {l: out.hidden_states[l][:, start:start + n] for l in layers}
+        return SpeechOutput(None, None, hidden, cut.slot_mask[:, start:start + n].to(device))
+
+    @torch.no_grad()
+    def generate(self, speech_embeds: torch.Tensor, instructions: Sequence[str], *, num_beams: int = 4,
+                 max_new_tokens: int = 200, length_penalty: float = 1.0) -> list[str]:
+        """Decode a response per row (SALMONN: beam 4, up to 200 new tokens, length penalty 1.0)."""
+        B, n, _ = speech_embeds.shape
+        batch = self.prompter.build(instructions, [n] * B, pad_left=True)
+        x = self._embed(batch, speech_embeds)
+        ids = self.llm.generate(inputs_embeds=x, attention_mask=batch.attention_mask.to(x.device),
+                                num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                length_penalty=length_penalty, eos_token_id=self.prompter.stop_ids)
+        return [self.tokenizer.decode(row).strip() for row in ids]

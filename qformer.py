@@ -24,6 +24,9 @@ Quirks kept from SALMONN (github bytedance/SALMONN, branch `salmonn`, models/sal
   position embeddings, only the embeddings LayerNorm, and only the query feed-forward
   (`intermediate_query`, `output_query`); SALMONN deletes the text FFN and the LM head.
 - The window length comes from `round(1500 * 0.333333 / 30) = 17` frames, i.e. 0.34 s at 50 Hz.
+- With one query per window (N = 1) the self-attention is a softmax over a single key, identically 1: its
+  output is the value projection of the query alone, and the `query`/`key` weights of `attention.self` get
+  exactly zero gradient. They are trainable in name only (weight decay still shrinks their weights).
 
 Module names are SALMONN's checkpoint keys (identity map), e.g.
 `speech_Qformer.bert.encoder.layer.0.crossattention.self.key.weight`.

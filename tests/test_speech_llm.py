@@ -1,0 +1,242 @@
+"""The assembled speech LLM: prompts and labels, the loss, the two passes, checkpoints, frozen parts."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from lora import lora_modules
+from model import (PROMPTS, BEATsConfig, CheckpointError, LLMConfig, Prompter, QFormerConfig, SpeechLLM,
+                   SpeechLLMConfig, WhisperEncoderConfig, load_tokenizer, split_prompt)
+
+
+def vocab_size(tok):
+    return tok.tok.get_vocab_size() if hasattr(tok, "tok") else tok.sp.get_piece_size()
+
+
+def tiny_speech_llm(tok_dir, family, hidden=32, layers=3, seed=0, beats=True):
+    tok = load_tokenizer(tok_dir)
+    llm = LLMConfig(vocab_size=vocab_size(tok), hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, qkv_bias=family == "qwen2", family=family)
+    whisper = WhisperEncoderConfig(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32)
+    bcfg = BEATsConfig(input_patch_size=16, embed_dim=8, encoder_layers=1, encoder_embed_dim=12,
+                       encoder_ffn_embed_dim=24, encoder_attention_heads=2, deep_norm=True, conv_pos=8,
+                       conv_pos_groups=2, relative_position_embedding=True, num_buckets=16, max_distance=32,
+                       gru_rel_pos=True) if beats else None
+    q = QFormerConfig(speech_dim=16, audio_dim=12 if beats else 0, llm_hidden=hidden, hidden=16, n_head=2, ffn=32)
+    torch.manual_seed(seed)
+    m = SpeechLLM(SpeechLLMConfig(llm=llm, whisper=whisper, beats=bcfg, qformer=q), tok)
+    with torch.no_grad():   # B starts at zero; a non-zero B makes LoRA's effect visible in the tests
+        for mod in lora_modules(m.llm).values():
+            mod.lora_B.weight.normal_(0, 0.1)
+    return m.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, vicuna_dir, qwen_dir):
+    return tiny_speech_llm(vicuna_dir if request.param == "llama" else qwen_dir, request.param)
+
+
+def audio_features(B=2, seconds=(1.0, 3.0), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mel = torch.randn(B, 80, 3000, generator=g)
+    N = int(max(seconds) * 16000)
+    fbank = torch.randn(B, 1 + (N - 400) // 160, 128, generator=g)
+    mask = torch.arange(N)[None] >= torch.tensor([int(s * 16000) for s in seconds])[:, None]
+    return mel, fbank, mask
+
+
+INSTR = ["Listen to the speech and translate it into Chinese.", "Recognize the speech and give me the transcription."]
+TARGETS = ["你好，世界！", "hello world, this is a test"]
+
+
+def test_audio_gives_88_speech_tokens(tiny):
+    mel, fbank, mask = audio_features()
+    speech = tiny.encode_speech(mel, fbank, mask)
+    assert speech.shape == (2, 88, tiny.config.llm.hidden_size)
+
+
+def test_labels_cover_only_target_and_end(tiny):
+    p = tiny.prompter
+    b = p.build(INSTR, [88, 88], TARGETS)
+    for i, t in enumerate(TARGETS):
+        lab = b.labels[i][b.labels[i] != -100].tolist()
+        assert lab == tiny.tokenizer.encode(t) + [p.end_id]
+        # the labelled span is the end of the row's real tokens
+        n_real = int(b.attention_mask[i].sum())
+        assert (b.labels[i, n_real - len(lab):n_real] != -100).all()
+        assert (b.labels[i, n_real:] == -100).all() and (b.labels[i, :n_real - len(lab)] == -100).all()
+
+
+def test_speech_embeddings_sit_where_speechhere_was(tiny):
+    p = tiny.prompter
+    before, after = split_prompt(PROMPTS[tiny.config.llm.family])
+    speech = torch.randn(2, 88, tiny.config.llm.hidden_size)
+    b = p.build(INSTR, [88, 88], TARGETS)
+    x = tiny._embed(b, speech)
+    start = len(p.before_ids)
+    assert torch.equal(x[:, start:start + 88], speech)
+    assert b.slot_mask[:, start:start + 88].all() and b.slot_mask.sum() == 2 * 88
+    # the tokens before the slot are BOS (Vicuna) and exactly the template's text before <SpeechHere>
+    ids = b.input_ids[0, :start].tolist()
+    if tiny.tokenizer.bos_id is not None:
+        assert ids[0] == tiny.tokenizer.bos_id
+        ids = ids[1:]
+    assert ids == tiny.tokenizer.encode(before)
+    n_after = len(tiny.tokenizer.encode(after.format(instruction=INSTR[0])))
+    assert b.input_ids[0, start + 88:start + 88 + n_after].tolist() == tiny.tokenizer.encode(after.format(instruction=INSTR[0]))
+
+
+def test_loss_equals_hand_computed_ce(tiny):
+    speech = torch.randn(2, 88, tiny.config.llm.hidden_size)
+    out = tiny.speech_pass(speech, INSTR, TARGETS)
+    b = tiny.prompter.build(INSTR, [88, 88], TARGETS)
+    with torch.no_grad():
+        logits = tiny.llm(inputs_embeds=tiny._embed(b, speech), attention_mask=b.attention_mask).logits
+    shift_logits, shift_labels = logits[:, :-1], b.labels[:, 1:]
+    ref = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
+    assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    for i in range(2):
+        valid = shift_labels[i] != -100
+        assert_close(out.row_loss[i], F.cross_entropy(shift_logits[i][valid], shift_labels[i][valid]),
+                     rtol=1e-5, atol=1e-6)
+
+
+def test_padded_batch_gives_each_rows_loss(tiny):
+    speech = torch.randn(2, 88, tiny.config.llm.hidden_size)
+    batched = tiny.speech_pass(speech, INSTR, TARGETS, layers=[0, 2])
+    for i in range(2):
+        alone = tiny.speech_pass(speech[i:i + 1], INSTR[i:i + 1], TARGETS[i:i + 1], layers=[0, 2])
+        assert_close(batched.row_loss[i], alone.loss, rtol=1e-5, atol=1e-6)
+        for l in (0, 2):
+            assert_close(batched.hidden_states[l][i], alone.hidden_states[l][0], rtol=1e-5, atol=1e-5)
+
+
+def test_speech_hidden_states_at_speech_positions(tiny):
+    speech = torch.randn(2, 88, tiny.config.llm.hidden_size)
+    out = tiny.speech_pass(speech, INSTR, TARGETS, layers=[0, 1])
+    assert torch.equal(out.hidden_states[0], speech)   # layer 0 = the embeddings = the speech itself
+    assert out.hidden_states[1].shape == (2, 88, tiny.config.llm.hidden_size) and out.mask.all()
+    # without targets (layer selection) the pass stops after the speech: same states, no loss
+    short = tiny.speech_pass(speech, INSTR, layers=[0, 1])
+    assert short.loss is None
+    assert_close(short.hidden_states[1], out.hidden_states[1], rtol=1e-5, atol=1e-5)
+
+
+def test_text_pass_equals_full_pass(tiny):
+    transcripts = ["hello world", "this is a test of the tokenizer, it's fine"]
+    L = tiny.config.llm.num_hidden_layers
+    text = tiny.text_pass(transcripts, INSTR, layers=[0, 1, 2])
+    ids = [tiny.tokenizer.encode(t) for t in transcripts]
+    full = tiny.prompter.build(INSTR, ids, TARGETS)   # whole prompt + target, every layer, logits
+    with torch.no_grad():
+        ref = tiny.llm(input_ids=full.input_ids, attention_mask=full.attention_mask, output_layers=range(L + 1))
+    start = len(tiny.prompter.before_ids)
+    for i, n in enumerate(len(x) for x in ids):
+        assert text.mask[i].sum() == n and text.mask[i, :n].all()
+        for l in (0, 1, 2):
+            assert_close(text.hidden_states[l][i, :n], ref.hidden_states[l][i, start:start + n], rtol=1e-5, atol=1e-5)
+    assert not any(h.requires_grad for h in text.hidden_states.values())
+
+
+def test_text_pass_stops_after_highest_layer(tiny):
+    calls = []
+    hooks = [blk.register_forward_hook(lambda *a, j=j: calls.append(j)) for j, blk in enumerate(tiny.llm.model.layers)]
+    try:
+        tiny.text_pass(["hello world"], INSTR[:1], layers=[0, 1])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [0]
+
+
+def test_one_step_changes_only_trainable_parameters(vicuna_dir):
+    m = tiny_speech_llm(vicuna_dir, "llama", seed=1).train()
+    trainable = set(m.trainable_names())
+    assert trainable and all(n.startswith("bridge.") or ".lora_" in n for n in trainable)
+    assert any(".lora_A." in n for n in trainable) and any(n.startswith("bridge.speech_Qformer") for n in trainable)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    mel, fbank, mask = audio_features()
+    out = m.speech_pass(m.encode_speech(mel, fbank, mask), INSTR, TARGETS)
+    out.loss.backward()
+    opt.step()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    for n, p in m.named_parameters():
+        changed = not torch.equal(p, before[n])
+        if n not in trainable:
+            assert not changed and grads[n] is None, n
+        elif grads[n].abs().sum() > 0:
+            assert changed, n
+        else:
+            # with one query per window, the Q-Former's self-attention is a softmax over one key (== 1):
+            # its query and key projections get exactly zero gradient, as in SALMONN
+            assert ".attention.self.query." in n or ".attention.self.key." in n, n
+    assert sum(g.abs().sum() > 0 for n, g in grads.items() if n in trainable) > len(trainable) // 2
+    # the encoders stayed frozen and in eval mode through .train()
+    assert not m.speech_encoder.training and not m.beats.training and m.bridge.training
+
+
+def test_generate_batch_equals_rows(tiny):
+    speech = torch.randn(2, 88, tiny.config.llm.hidden_size)
+    both = tiny.generate(speech, INSTR, num_beams=2, max_new_tokens=6)
+    assert len(both) == 2 and all(isinstance(s, str) for s in both)
+    for i in range(2):
+        assert tiny.generate(speech[i:i + 1], INSTR[i:i + 1], num_beams=2, max_new_tokens=6) == [both[i]]
+
+
+def test_own_checkpoint_round_trip(tmp_path, vicuna_dir):
+    a = tiny_speech_llm(vicuna_dir, "llama", seed=1)
+    b = tiny_speech_llm(vicuna_dir, "llama", seed=2)
+    a.save_trainable(tmp_path / "ckpt", meta={"step": 3})
+    b.load_trainable(tmp_path / "ckpt")
+    sa, sb = a.trainable_state_dict(), b.trainable_state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_salmonn_checkpoint_loads(tmp_path, vicuna_dir):
+    a = tiny_speech_llm(vicuna_dir, "llama", seed=1)
+    b = tiny_speech_llm(vicuna_dir, "llama", seed=2)
+    # SALMONN's layout: the bridge's keys at the top, LoRA under llama_model.base_model.model.*.default
+    sd = {k.removeprefix("bridge."): v for k, v in a.trainable_state_dict().items() if k.startswith("bridge.")}
+    for k, v in a.trainable_state_dict().items():
+        if ".lora_" in k:
+            k = k.removeprefix("llm.").replace(".lora_A.weight", ".lora_A.default.weight").replace(
+                ".lora_B.weight", ".lora_B.default.weight")
+            sd["llama_model.base_model.model." + k] = v
+    torch.save({"model": sd}, tmp_path / "salmonn_tiny.pth")
+    b.load_trainable(tmp_path / "salmonn_tiny.pth")
+    sa, sb = a.trainable_state_dict(), b.trainable_state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_checkpoint_for_another_llm_size_is_refused(tmp_path, vicuna_dir):
+    small = tiny_speech_llm(vicuna_dir, "llama", hidden=32)
+    big = tiny_speech_llm(vicuna_dir, "llama", hidden=48)
+    small.save_trainable(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="hidden_size=32"):
+        big.load_trainable(tmp_path / "ckpt")
+    torch.save({"model": {k.removeprefix("bridge."): v for k, v in small.trainable_state_dict().items()
+                          if k.startswith("bridge.")}}, tmp_path / "s.pth")
+    with pytest.raises(ValueError, match="speech_llama_proj"):
+        big.load_trainable(tmp_path / "s.pth")
+    with pytest.raises(CheckpointError, match="no such"):
+        big.load_trainable(tmp_path / "nowhere")
+
+
+def test_bad_prompts_and_transcripts(tiny, vicuna_dir):
+    with pytest.raises(ValueError, match="tokenizes to nothing"):
+        tiny.text_pass([""], INSTR[:1], layers=[0])
+    with pytest.raises(ValueError, match="<SpeechHere>"):
+        Prompter(load_tokenizer(vicuna_dir), "llama", prompt="USER: {instruction}\nASSISTANT:")
+    with pytest.raises(ValueError, match="exactly one <SpeechHere>"):
+        split_prompt("<SpeechHere><SpeechHere>")
+    with pytest.raises(ValueError, match="tokenizes to nothing"):
+        tiny.speech_pass(torch.randn(1, 88, tiny.config.llm.hidden_size), INSTR[:1], [""])
+
+
+def test_config_mismatch_is_clear(vicuna_dir):
+    m = tiny_speech_llm(vicuna_dir, "llama")
+    d = m.config.to_dict()
+    d["qformer"]["llm_hidden"] = 7
+    with pytest.raises(ValueError, match="qformer.llm_hidden is 7"):
+        SpeechLLMConfig.from_dict(d)
