@@ -245,6 +245,19 @@ def _as_batch(audio, padding_mask: torch.Tensor | None, name: str,
     return audio, batched
 
 
+def _by_rows(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn applied to a (B, N) batch: all at once on an accelerator, one row at a time on a CPU.
+
+    Each row is independent, so the result is the same either way. On a CPU one clip's intermediates (a 30 s
+    STFT is 4.8 MB) stay in cache and their memory is reused, where a 16-clip batch's (77 MB per step) must be
+    fetched from the OS page by page: for 16 x 30 s on a quiet 2-core CPU, row by row measured 2.0x (log-mel)
+    and 2.6x (fbank) faster than the whole batch at once.
+    """
+    if x.device.type != "cpu" or x.shape[0] == 1:
+        return fn(x)
+    return torch.cat([fn(row) for row in x.split(1)])
+
+
 # ---- Whisper's log-mel spectrogram ------------------------------------------------------------------------
 def _hz_to_mel_slaney(hz: torch.Tensor) -> torch.Tensor:
     # Slaney's Auditory Toolbox scale (librosa's htk=False): linear below 1 kHz, logarithmic above
@@ -294,6 +307,22 @@ def pad_or_trim(audio: torch.Tensor, length: int = N_SAMPLES) -> torch.Tensor:
     return audio[..., :length] if n >= length else F.pad(audio, (0, length - n))
 
 
+def _log_mel(audio: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """(B, 480000) -> (B, n_mels, 3000): the computation behind log_mel_spectrogram."""
+    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=_hann_window(audio.device), center=True,
+                      pad_mode="reflect", return_complex=True)  # (B, 201, 3001)
+    power = stft.real.square().addcmul_(stft.imag, stft.imag)  # |X|^2 = re^2 + im^2, without abs()'s sqrt
+    mel = mel_filters(n_mels, audio.device) @ power  # (B, n_mels, 3001)
+    # a centred STFT of 480000 samples has 480000 // 160 + 1 = 3001 frames; Whisper drops the last one,
+    # which is centred on the final sample and half made of reflect padding, so 30 s give exactly 3000 frames
+    mel = mel[..., :-1]  # (B, n_mels, 3000)
+    log_spec = mel.clamp(min=LOG_MEL_EPS).log10_()
+    # 80 dB dynamic range below each clip's own loudest bin: the max is per utterance, never over the batch
+    peak = log_spec.amax(dim=(-2, -1), keepdim=True)  # (B, 1, 1)
+    log_spec = torch.maximum(log_spec, peak - LOG_MEL_RANGE)
+    return log_spec.add_(4.0).div_(4.0)  # roughly into [-1, 1]
+
+
 def log_mel_spectrogram(audio, n_mels: int = 80, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Whisper's input features, as openai/whisper and HF's WhisperFeatureExtractor compute them.
 
@@ -307,19 +336,7 @@ def log_mel_spectrogram(audio, n_mels: int = 80, padding_mask: torch.Tensor | No
     floor at (max - 8) per clip -> (x + 4) / 4.
     """
     audio, batched = _as_batch(audio, padding_mask, "log_mel_spectrogram", length=N_SAMPLES)
-    audio = pad_or_trim(audio)  # (B, 480000)
-    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=_hann_window(audio.device), center=True,
-                      pad_mode="reflect", return_complex=True)  # (B, 201, 3001)
-    power = stft.real.square().addcmul_(stft.imag, stft.imag)  # |X|^2 = re^2 + im^2, without abs()'s sqrt
-    mel = mel_filters(n_mels, audio.device) @ power  # (B, n_mels, 3001)
-    # a centred STFT of 480000 samples has 480000 // 160 + 1 = 3001 frames; Whisper drops the last one,
-    # which is centred on the final sample and half made of reflect padding, so 30 s give exactly 3000 frames
-    mel = mel[..., :-1]  # (B, n_mels, 3000)
-    log_spec = mel.clamp(min=LOG_MEL_EPS).log10_()
-    # 80 dB dynamic range below each clip's own loudest bin: the max is per utterance, never over the batch
-    peak = log_spec.amax(dim=(-2, -1), keepdim=True)  # (B, 1, 1)
-    log_spec = torch.maximum(log_spec, peak - LOG_MEL_RANGE)
-    log_spec = log_spec.add_(4.0).div_(4.0)  # roughly into [-1, 1]
+    log_spec = _by_rows(lambda rows: _log_mel(rows, n_mels), pad_or_trim(audio))  # (B, n_mels, 3000)
     return log_spec if batched else log_spec[0]
 
 
@@ -363,18 +380,8 @@ def _povey_window(device: torch.device) -> torch.Tensor:
     return hann.pow(POVEY_EXPONENT).to(torch.float32).to(device)
 
 
-def kaldi_fbank(wavs: torch.Tensor) -> torch.Tensor:
-    """Kaldi's compute-fbank-feats with BEATs' options, on the waveform exactly as given (no scaling).
-
-    wavs: (N,) or (B, N) float, N >= 400. Returns (T, 128) or (B, T, 128) log mel energies (natural log),
-    T = 1 + (N - 400) // 160 (snip_edges=True: whole frames only, the first starting at sample 0).
-    Per frame: remove the DC offset -> pre-emphasis 0.97 -> povey window -> zero-pad to 512 -> |FFT|^2 ->
-    mel (128 HTK-mel triangles, 20 Hz .. 8 kHz) -> log(max(energy, float32 eps)). Dither 0, no energy term.
-    """
-    wavs, batched = _as_batch(wavs, None, "kaldi_fbank")
-    if wavs.shape[-1] < FBANK_FRAME_LENGTH:
-        raise AudioError(f"kaldi_fbank needs at least {FBANK_FRAME_LENGTH} samples (one 25 ms frame), "
-                         f"got {wavs.shape[-1]}")
+def _kaldi_fbank(wavs: torch.Tensor) -> torch.Tensor:
+    """(B, N) -> (B, T, 128): the computation behind kaldi_fbank."""
     frames = wavs.unfold(-1, FBANK_FRAME_LENGTH, FBANK_FRAME_SHIFT)  # (B, T, 400), a strided view
     frames = frames - frames.mean(dim=-1, keepdim=True)  # remove_dc_offset, per frame; (B, T, 400) copy
     # Kaldi's pre-emphasis runs inside each frame: x[i] -= 0.97 x[i-1], and the first sample, which has no
@@ -388,7 +395,22 @@ def kaldi_fbank(wavs: torch.Tensor) -> torch.Tensor:
     power = spec.real.square().addcmul_(spec.imag, spec.imag)  # |X|^2
     mel = power @ kaldi_mel_banks(frames.device).T  # (B, T, 128)
     # Kaldi floors the energy at the float epsilon (2**-23) before the log, so silence gives log(eps) = -15.94
-    fbank = mel.clamp_(min=torch.finfo(torch.float32).eps).log_()
+    return mel.clamp_(min=torch.finfo(torch.float32).eps).log_()
+
+
+def kaldi_fbank(wavs: torch.Tensor) -> torch.Tensor:
+    """Kaldi's compute-fbank-feats with BEATs' options, on the waveform exactly as given (no scaling).
+
+    wavs: (N,) or (B, N) float, N >= 400. Returns (T, 128) or (B, T, 128) log mel energies (natural log),
+    T = 1 + (N - 400) // 160 (snip_edges=True: whole frames only, the first starting at sample 0).
+    Per frame: remove the DC offset -> pre-emphasis 0.97 -> povey window -> zero-pad to 512 -> |FFT|^2 ->
+    mel (128 HTK-mel triangles, 20 Hz .. 8 kHz) -> log(max(energy, float32 eps)). Dither 0, no energy term.
+    """
+    wavs, batched = _as_batch(wavs, None, "kaldi_fbank")
+    if wavs.shape[-1] < FBANK_FRAME_LENGTH:
+        raise AudioError(f"kaldi_fbank needs at least {FBANK_FRAME_LENGTH} samples (one 25 ms frame), "
+                         f"got {wavs.shape[-1]}")
+    fbank = _by_rows(_kaldi_fbank, wavs)  # (B, T, 128)
     return fbank if batched else fbank[0]
 
 
