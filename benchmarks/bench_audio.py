@@ -1,11 +1,17 @@
-"""Speed of the audio front end (data.py) against the references it is tested equal to, on this machine.
+"""Speed of the ears against the references they are tested equal to: our log-mel and fbank (data.py) and
+our Whisper encoder (model.py) against WhisperFeatureExtractor, kaldi-native-fbank and transformers'
+WhisperEncoder.
 
     python benchmarks/bench_audio.py [--batch 16] [--seconds 30] [--repeats 10] [--threads N]
+    python benchmarks/bench_audio.py --device cuda --dtype bf16 --real-size   # + whisper-large-v2 and BEATs on a GPU
 
 Each comparison is one function that times our code and the reference on the same inputs (a warm-up call
 first, then the best of --repeats, the two taking turns) and returns (ours_s, ref_s). main() prints one line
-per comparison and, as its last line, the ratios ours/ref from a dict: `logmel_ratio=... fbank_ratio=...`
-(below 1: we are faster).
+per comparison and, as its last line, the ratios ours/ref from a dict:
+`logmel_ratio=... fbank_ratio=... whisper_ratio=...` (below 1: we are faster). The features are timed on
+the CPU (the references run there); the Whisper encoder on --device: by default a whisper-tiny-sized
+encoder (d 384, 4 layers) on batch 2 x 30 s, with --real-size whisper-large-v2 on batch --batch x 30 s,
+plus the real-size BEATs (no reference implementation exists to race it against).
 
 kaldi-native-fbank is single-threaded; torch uses all cores unless --threads says otherwise. On a machine
 shared with other jobs, torch's multi-threaded ops slow down far more than single-threaded code (a thread
@@ -23,20 +29,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules are flat files
 import data  # noqa: E402
+from model import BEATs, BEATsConfig, WhisperEncoder, WhisperEncoderConfig  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the encoder of whisper-tiny: small enough for a 2-core CPU, with the real 1500 positions
+WHISPER_SMALL = WhisperEncoderConfig(d_model=384, encoder_layers=4, encoder_attention_heads=6,
+                                     encoder_ffn_dim=1536, num_mel_bins=80, max_source_positions=1500)
 
 
-def race(ours, ref, repeats: int) -> tuple[float, float]:
+def race(ours, ref, repeats: int, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """Seconds of the fastest of `repeats` calls of each, after one untimed warm-up call of each.
 
     The two are called in turn (ours, ref, ours, ref, ...) so that a busy machine slows both alike.
     """
-    ours(), ref()
+    def run(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    run(ours), run(ref)
     best = [math.inf, math.inf]
     for _ in range(repeats):
         for k, fn in enumerate((ours, ref)):
-            start = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - start)
+            best[k] = min(best[k], run(fn))
     return best[0], best[1]
 
 
@@ -89,12 +108,49 @@ def bench_fbank(clips: list[np.ndarray], repeats: int) -> tuple[float, float]:
     return race(ours, ref, repeats)
 
 
+def bench_whisper(device: torch.device, dtype: torch.dtype, real_size: bool, batch: int,
+                  repeats: int) -> tuple[float, float]:
+    """Our WhisperEncoder vs transformers' on the same weights (shared tensors) and input; eval, no_grad."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
+
+    cfg = WhisperEncoderConfig.from_name("whisper-large-v2") if real_size else WHISPER_SMALL
+    torch.manual_seed(0)
+    hf_cfg = WhisperConfig(d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+                           encoder_attention_heads=cfg.encoder_attention_heads, encoder_ffn_dim=cfg.encoder_ffn_dim,
+                           num_mel_bins=cfg.num_mel_bins, max_source_positions=cfg.max_source_positions,
+                           attn_implementation="sdpa")
+    hf = HFWhisperEncoder(hf_cfg).to(device=device, dtype=dtype).eval()
+    with torch.device("meta"):
+        ours = WhisperEncoder(cfg)
+    ours.load_state_dict(hf.state_dict(), assign=True)   # identical key names: the very same tensors
+    ours.freeze()
+    mel = torch.randn(batch, cfg.num_mel_bins, cfg.n_frames, device=device, dtype=dtype)
+    with torch.no_grad():
+        diff = (ours(mel).float() - hf(mel).last_hidden_state.float()).abs().max().item()
+        assert diff <= (1e-4 if dtype == torch.float32 else 5e-2), diff   # the same work
+        return race(lambda: ours(mel), lambda: hf(mel).last_hidden_state, repeats, device)
+
+
+def bench_beats(device: torch.device, dtype: torch.dtype, batch: int, repeats: int) -> float:
+    """The real-size BEATs (random weights) on `batch` x 30 s of fbank (2998 frames -> 1496 tokens)."""
+    torch.manual_seed(0)
+    model = BEATs(BEATsConfig.from_name("beats-iter3-plus-as2m-cpt2")).to(device=device, dtype=dtype)
+    fbank = torch.randn(batch, 2998, 128, device=device, dtype=dtype)
+    with torch.no_grad():
+        return race(lambda: model(fbank), lambda: None, repeats, device)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the encoders run (the features run on the CPU)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the encoders' dtype")
+    parser.add_argument("--real-size", action="store_true",
+                        help="time whisper-large-v2 (and BEATs) on --batch x 30 s instead of a small encoder on 2")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,6 +164,16 @@ def main() -> None:
         ours_s, ref_s = bench(clips, args.repeats)
         print(f"{name:8s} ours {ours_s * 1e3:8.1f} ms   {what} {ref_s * 1e3:8.1f} ms")
         ratios[f"{name}_ratio"] = ours_s / ref_s
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.real_size:
+        t = bench_beats(device, dtype, args.batch, args.repeats)
+        print(f"beats    ours {t * 1e3:8.1f} ms   (iter3+ preset, batch {args.batch} x 30 s, {args.dtype}, {device})")
+    batch = args.batch if args.real_size else 2
+    ours_s, ref_s = bench_whisper(device, dtype, args.real_size, batch, args.repeats)
+    size = "whisper-large-v2" if args.real_size else "whisper-tiny-sized encoder"
+    print(f"whisper  ours {ours_s * 1e3:8.1f} ms   transformers' WhisperEncoder {ref_s * 1e3:8.1f} ms   "
+          f"({size}, batch {batch} x 3000 frames, {args.dtype}, {device})")
+    ratios["whisper_ratio"] = ours_s / ref_s
     print(" ".join(f"{key}={value:.3f}" for key, value in ratios.items()))
 
 
