@@ -427,3 +427,52 @@ def beats_fbank(wavs, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     fbank = kaldi_fbank(wavs * INT16_SCALE)  # Kaldi works on int16-range samples
     fbank = fbank.sub_(FBANK_MEAN).div_(2 * FBANK_STD)  # (fbank - mean) / (2 * std)
     return fbank if batched else fbank[0]
+
+
+# ---- manifests and batches --------------------------------------------------------------------------------
+# A manifest is a JSON-lines file, one utterance per line:
+#   {"audio": "clips/common_voice_en_1.mp3", "transcript": "the source text", "target": "译文", "task": "st_en_zh"}
+# `audio` is a path, absolute or relative to the manifest's folder; the text fields a stage needs must be
+# there (layer selection: transcript; training: target; the joint stage: both).
+
+def read_manifest(path: str | Path, require: Sequence[str] = ("audio",)) -> list[dict]:
+    """Read a JSONL manifest; each entry's `audio` is resolved against the manifest's folder.
+
+    Every line must be a JSON object with the fields in `require` (non-empty strings); a bad line is an
+    error naming the file, the line number and the field.
+    """
+    import json
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(entry, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(entry).__name__}")
+            for field in require:
+                if not isinstance(entry.get(field), str) or not entry[field].strip():
+                    raise ValueError(f"{path}:{n}: field {field!r} is missing or empty")
+            if "audio" in entry:
+                entry["audio"] = str((path.parent / entry["audio"]).resolve())
+            entries.append(entry)
+    if not entries:
+        raise ValueError(f"{path}: the manifest has no entries")
+    return entries
+
+
+def load_batch(paths: Sequence[str | Path], n_mels: int = 80, device: str | torch.device = "cpu"):
+    """Audio files -> the inputs of both encoders, as SALMONN's collater makes them.
+
+    Returns mel (B, n_mels, 3000), fbank (B, T, 128) over the zero-padded batch, and the waveform-level
+    padding mask (B, N_max), True = padding, which BEATs reduces to its tokens.
+    """
+    wavs, padding_mask = pad_batch([load_audio(p) for p in paths])
+    wavs, padding_mask = wavs.to(device), padding_mask.to(device)
+    return log_mel_spectrogram(wavs, n_mels=n_mels, padding_mask=padding_mask), beats_fbank(wavs), padding_mask
