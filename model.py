@@ -1425,33 +1425,39 @@ class SpeechLLM(nn.Module):
         inject_lora(self.llm, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
         self.prompter = Prompter(tokenizer, cfg.llm.family, cfg.prompt)
         self.tokenizer = tokenizer
+        self.sources: dict[str, str | None] = {}   # where the frozen weights came from (saved with checkpoints)
 
     @classmethod
     def from_pretrained(cls, llm_dir: str | os.PathLike, whisper_path: str | os.PathLike,
                         beats_path: str | os.PathLike | None = None, ckpt: str | os.PathLike | None = None, *,
                         dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
                         lora_r: int = 8, lora_alpha: float = 32.0, lora_dropout: float = 0.1,
-                        prompt: str | None = None, verbose: bool = True) -> "SpeechLLM":
+                        prompt: str | None = None, qformer: dict | None = None,
+                        verbose: bool = True) -> "SpeechLLM":
         """Build from the public checkpoints: the frozen parts in `dtype`, the trainable ones in fp32.
 
         ckpt: a SALMONN checkpoint (.pth: Q-Former, projection and LoRA) or this project's checkpoint
         directory (trainable.safetensors + speech_llm.json); None starts the bridge and LoRA fresh.
+        qformer: overrides of QFormerConfig fields (default: SALMONN's, BERT-base sized).
         """
         llm = LLM.from_pretrained(llm_dir, dtype=dtype, device=device)
         speech_encoder = WhisperEncoder.from_pretrained(whisper_path, dtype=dtype, device=device)
         beats = BEATs.from_pretrained(beats_path, dtype=dtype, device=device) if beats_path else None
-        qcfg = QFormerConfig(speech_dim=speech_encoder.config.d_model, llm_hidden=llm.config.hidden_size,
-                             audio_dim=beats.config.encoder_embed_dim if beats is not None else 0)
+        qcfg = QFormerConfig(**{"speech_dim": speech_encoder.config.d_model, "llm_hidden": llm.config.hidden_size,
+                                "audio_dim": beats.config.encoder_embed_dim if beats is not None else 0,
+                                **(qformer or {})})
         cfg = SpeechLLMConfig(llm=llm.config, whisper=speech_encoder.config, qformer=qcfg,
                               beats=beats.config if beats is not None else None, lora_r=lora_r,
                               lora_alpha=lora_alpha, lora_dropout=lora_dropout, prompt=prompt)
         with torch.device(device):
             model = cls(cfg, load_tokenizer(llm_dir), llm=llm, speech_encoder=speech_encoder, beats=beats)
+        model.sources = {"llm": str(llm_dir), "whisper": str(whisper_path),
+                         "beats": str(beats_path) if beats_path else None}
         if ckpt is not None:
             model.load_trainable(ckpt)
         if verbose:
             print(model.describe_trainable())
-        return model
+        return model.eval()   # like any loaded model: call .train() to train (the encoders stay in eval)
 
     # ------------------------------------------------------------------ trainable parameters
     def trainable_names(self) -> list[str]:
@@ -1473,21 +1479,30 @@ class SpeechLLM(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()},
                   str(out / TRAINABLE_FILE))
-        (out / CONFIG_FILE).write_text(json.dumps({"config": self.config.to_dict(), "meta": meta or {}}, indent=2))
+        info = {"config": self.config.to_dict(), "sources": self.sources, "meta": meta or {}}
+        (out / CONFIG_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False))
         return out
+
+    @staticmethod
+    def checkpoint_info(ckpt: str | os.PathLike) -> dict:
+        """The JSON beside a checkpoint of this project: config, sources (base weights' paths), meta."""
+        f = Path(ckpt) / CONFIG_FILE
+        if not f.is_file():
+            raise CheckpointError(f"{Path(ckpt)}: no {CONFIG_FILE} (a checkpoint directory of this project holds "
+                                  f"{TRAINABLE_FILE} and {CONFIG_FILE})")
+        try:
+            info = json.loads(f.read_text())
+            info["config"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{f}: not a checkpoint config ({type(e).__name__}: {e})") from None
+        return info
 
     def load_trainable(self, ckpt: str | os.PathLike) -> None:
         """Load the trainable weights from this project's checkpoint directory or a SALMONN .pth file."""
         path = Path(ckpt)
         if path.is_dir():
             cfg_file = path / CONFIG_FILE
-            if not cfg_file.is_file():
-                raise CheckpointError(f"{path}: no {CONFIG_FILE} (a checkpoint directory of this project holds "
-                                      f"{TRAINABLE_FILE} and {CONFIG_FILE})")
-            try:
-                saved = json.loads(cfg_file.read_text())["config"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{cfg_file}: not a checkpoint config ({type(e).__name__}: {e})") from None
+            saved = self.checkpoint_info(path)["config"]
             for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
                 if saved.get("llm", {}).get(field) != getattr(self.config.llm, field):
                     raise CheckpointError(f"{cfg_file}: trained for an LLM with {field}="

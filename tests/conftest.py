@@ -68,3 +68,36 @@ def vicuna_dir(tmp_path_factory):
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False}))
     return d
+
+
+# ---------------------------------------------------------------- tiny checkpoints in the public layouts
+
+TINY_QFORMER = dict(hidden=16, n_head=2, ffn=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory, qwen_dir):
+    """An HF Qwen2 directory (+ tokenizer), an HF Whisper directory and an official BEATs pickle, tiny."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    vocab = json.loads((qwen_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    n_vocab = len(vocab) + 3    # + the three special tokens
+    llm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=n_vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False))
+    llm.save_pretrained(d / "qwen2")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen_dir / f, d / "qwen2" / f)
+    whisper = transformers.WhisperModel(transformers.WhisperConfig(
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80, max_source_positions=1500, vocab_size=100,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3))
+    whisper.save_pretrained(d / "whisper")
+    beats = Path(__file__).parent / "data" / "beats_tiny.pt"
+    return {"llm": d / "qwen2", "whisper": d / "whisper", "beats": beats}

@@ -240,3 +240,21 @@ def test_config_mismatch_is_clear(vicuna_dir):
     d["qformer"]["llm_hidden"] = 7
     with pytest.raises(ValueError, match="qformer.llm_hidden is 7"):
         SpeechLLMConfig.from_dict(d)
+
+
+def test_from_pretrained_public_layouts(tmp_path, tiny_ckpts, capsys):
+    from conftest import TINY_QFORMER
+    m = SpeechLLM.from_pretrained(tiny_ckpts["llm"], tiny_ckpts["whisper"], tiny_ckpts["beats"],
+                                  dtype=torch.float32, qformer=TINY_QFORMER)
+    assert "trainable parameters" in capsys.readouterr().out
+    assert m.config.llm.family == "qwen2" and m.config.qformer.audio_dim == 32
+    mel, fbank, mask = audio_features()
+    speech = m.encode_speech(mel, fbank, mask)
+    assert speech.shape == (2, 88, 32)
+    m.save_trainable(tmp_path / "ckpt", meta={"step": 1})
+    info = SpeechLLM.checkpoint_info(tmp_path / "ckpt")
+    assert info["sources"]["llm"] == str(tiny_ckpts["llm"]) and info["meta"] == {"step": 1}
+    again = SpeechLLM.from_pretrained(tiny_ckpts["llm"], tiny_ckpts["whisper"], tiny_ckpts["beats"],
+                                      ckpt=tmp_path / "ckpt", dtype=torch.float32, qformer=TINY_QFORMER,
+                                      verbose=False)
+    assert_close(again.encode_speech(mel, fbank, mask), speech)
