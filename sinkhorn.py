@@ -136,6 +136,17 @@ def _check_points(name: str, h: Tensor) -> Tensor:
     return h
 
 
+def _check_pair(x: Tensor, y: Tensor, xname: str, yname: str):
+    _check_points(xname, x)
+    _check_points(yname, y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"batch sizes differ: {xname} {tuple(x.shape)} vs {yname} {tuple(y.shape)}")
+    if x.shape[2] != y.shape[2]:
+        raise ValueError(f"hidden sizes differ: {xname} d={x.shape[2]} vs {yname} d={y.shape[2]}")
+    if x.device != y.device:
+        raise ValueError(f"{xname} is on {x.device}, {yname} on {y.device}")
+
+
 # -----------------------------------------------------------------------------
 # cost
 
@@ -163,6 +174,7 @@ def sq_euclidean_cost(x: Tensor, y: Tensor, x_mask: Optional[Tensor] = None,
     x: (B, n, d), y: (B, m, d), masks (B, n) / (B, m) bool (True = valid). Returns (B, n, m) in float32
     (float64 for float64 input), differentiable in x and y, clamped at 0, and 0 on padded entries.
     """
+    _check_pair(x, y, "x", "y")
     B, n, d = x.shape
     m = y.shape[1]
     dt = _compute_dtype(x.dtype)
@@ -234,7 +246,7 @@ def _log_ratio(mass: Tensor, log_target: Tensor, valid: Tensor, exact):
     from all others) makes all of them be recomputed by the exact log-sum-exp `exact()`."""
     lr = torch.where(valid, mass.log() - log_target, 0.0)
     lo, hi = torch.aminmax(lr)
-    if lo > -50.0 and hi < 50.0:  # NaN fails too
+    if bool((lo > -50.0) & (hi < 50.0)):  # NaN fails too; one host sync per half-step
         return lr, False
     return torch.where(valid, exact(), 0.0), True
 
@@ -404,14 +416,7 @@ def ot_loss(h_speech: Tensor, h_text: Tensor, speech_mask: Optional[Tensor] = No
     (P is a constant: envelope theorem, no graph through the Sinkhorn iterations); h_text is detached.
     Sum the layers' losses as Eq. (6) says. With return_result, also the SinkhornResult (plans included).
     """
-    _check_points("h_speech", h_speech)
-    _check_points("h_text", h_text)
-    if h_speech.shape[0] != h_text.shape[0]:
-        raise ValueError(f"batch sizes differ: h_speech {tuple(h_speech.shape)} vs h_text {tuple(h_text.shape)}")
-    if h_speech.shape[2] != h_text.shape[2]:
-        raise ValueError(f"hidden sizes differ: h_speech d={h_speech.shape[2]} vs h_text d={h_text.shape[2]}")
-    if h_speech.device != h_text.device:
-        raise ValueError(f"h_speech is on {h_speech.device}, h_text on {h_text.device}")
+    _check_pair(h_speech, h_text, "h_speech", "h_text")
     B, n, _ = h_speech.shape
     m = h_text.shape[1]
     speech_mask = _check_mask("speech_mask", speech_mask, B, n, h_speech.device)

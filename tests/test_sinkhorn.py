@@ -268,6 +268,8 @@ def test_bad_input_is_rejected_by_name():
         ot_loss(x, bad)
     with pytest.raises(ValueError, match="empty dimension"):
         ot_loss(torch.randn(2, 0, 4), y)
+    with pytest.raises(ValueError, match="hidden sizes differ: x d=4 vs y d=3"):
+        sq_euclidean_cost(x, torch.randn(2, 3, 3))
     with pytest.raises(ValueError, match="C contains NaN"):
         solve(torch.full((1, 2, 2), float("nan")))
     with pytest.raises(ValueError, match="eps must be"):
