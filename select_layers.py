@@ -36,7 +36,8 @@ def mrr(D: Tensor) -> float:
     not 1. Returns a Python float.
     """
     if not isinstance(D, Tensor) or D.dim() != 2:
-        raise ValueError(f"D must be an (N, M) tensor, got {tuple(D.shape) if isinstance(D, Tensor) else type(D).__name__}")
+        got = tuple(D.shape) if isinstance(D, Tensor) else type(D).__name__
+        raise ValueError(f"D must be an (N, M) tensor, got {got}")
     N, M = D.shape
     if N == 0 or N > M:
         raise ValueError(f"D must have 1 <= N <= M (gold of row i is column i), got shape {(N, M)}")

@@ -341,7 +341,8 @@ def sinkhorn(C: Tensor, x_mask: Optional[Tensor] = None, y_mask: Optional[Tensor
     No gradient flows through it: see `ot_loss` for the loss.
     """
     if not isinstance(C, Tensor) or C.dim() != 3:
-        raise ValueError(f"C must be a (B, n, m) tensor, got {tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__}")
+        got = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
+        raise ValueError(f"C must be a (B, n, m) tensor, got {got}")
     B, n, m = C.shape
     if B == 0 or n == 0 or m == 0:
         raise ValueError(f"C has an empty dimension: shape {(B, n, m)}")
@@ -436,7 +437,7 @@ def ot_loss(h_speech: Tensor, h_text: Tensor, speech_mask: Optional[Tensor] = No
 # all-pairs distances (layer selection, Eq. 3)
 
 
-def _pack(seqs: Sequence[Tensor], name: str, mu: Tensor, device, dt):
+def _pack(seqs: Sequence[Tensor], mu: Tensor, device, dt):
     """Sort by length, centre by mu and pad: -> (N, L, d) on device, lengths (N,), order (N,)."""
     lengths = torch.tensor([s.shape[0] for s in seqs])
     order = torch.argsort(lengths, stable=True)
@@ -476,7 +477,8 @@ def wasserstein_matrix(speech: Sequence[Tensor], text: Sequence[Tensor], *, devi
     (sorted by length, padded, centred on their joint mean: a common shift, so distances are exact).
     max_bytes: budget for the chunk's (pairs, n, m) work tensors (about WORK_TENSORS of them, float32);
     a chunk is at least one pair. Default MAX_BYTES[device type]: 64 MiB on a CPU (small chunks pad less
-    and stay in cache: measured fastest here), 1 GiB on a GPU. Each chunk's costs come from one matmul, (cs·n, d) @ (d, ct·m).
+    and stay in cache: measured fastest here), 1 GiB on a GPU. A chunk's costs are one matmul,
+    (cs·n, d) @ (d, ct·m), not a loop over pairs.
     Returns D (N, M) float32 on the CPU; with return_stats also a dict (max_err, max_iters, unconverged).
     """
     d = _check_seqs(speech, "speech")
@@ -490,10 +492,10 @@ def wasserstein_matrix(speech: Sequence[Tensor], text: Sequence[Tensor], *, devi
     N, M = len(speech), len(text)
 
     # one shift for all points (their mean) leaves every distance unchanged and limits cancellation
-    total = sum(s.to(device=device, dtype=dt).sum(0) for s in speech) + sum(t.to(device=device, dtype=dt).sum(0) for t in text)
-    mu = total / (sum(s.shape[0] for s in speech) + sum(t.shape[0] for t in text))  # (d,)
-    X, xlen, xorder = _pack(speech, "speech", mu, device, dt)  # (N, n_max, d)
-    Y, ylen, yorder = _pack(text, "text", mu, device, dt)  # (M, m_max, d)
+    seqs = list(speech) + list(text)
+    mu = sum(s.to(device=device, dtype=dt).sum(0) for s in seqs) / sum(s.shape[0] for s in seqs)  # (d,)
+    X, xlen, xorder = _pack(speech, mu, device, dt)  # (N, n_max, d)
+    Y, ylen, yorder = _pack(text, mu, device, dt)  # (M, m_max, d)
     xx, yy = (X * X).sum(-1), (Y * Y).sum(-1)  # (N, n_max), (M, m_max)
 
     # chunk of cs speech × ct text pairs: WORK_TENSORS (pairs, n_max, m_max) tensors within max_bytes

@@ -59,7 +59,7 @@ def _layers(N=200, d=8, seed=0):
     return {0: (speech, text), 1: (noise_s, noise_t)}
 
 
-def test_layer_selection_on_synthetic_layers(tmp_path):
+def test_layer_selection_on_synthetic_layers():
     states = _layers()
     seen = []
     result = layer_retrieval(states, progress=False, on_layer=lambda l, v: seen.append(l))
