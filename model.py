@@ -1431,24 +1431,34 @@ class SpeechLLM(nn.Module):
     def from_pretrained(cls, llm_dir: str | os.PathLike, whisper_path: str | os.PathLike,
                         beats_path: str | os.PathLike | None = None, ckpt: str | os.PathLike | None = None, *,
                         dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                        lora_r: int = 8, lora_alpha: float = 32.0, lora_dropout: float = 0.1,
-                        prompt: str | None = None, qformer: dict | None = None,
-                        verbose: bool = True) -> "SpeechLLM":
+                        lora_r: int | None = None, lora_alpha: float | None = None,
+                        lora_dropout: float | None = None, prompt: str | None = None,
+                        qformer: dict | None = None, verbose: bool = True) -> "SpeechLLM":
         """Build from the public checkpoints: the frozen parts in `dtype`, the trainable ones in fp32.
 
         ckpt: a SALMONN checkpoint (.pth: Q-Former, projection and LoRA) or this project's checkpoint
         directory (trainable.safetensors + speech_llm.json); None starts the bridge and LoRA fresh.
-        qformer: overrides of QFormerConfig fields (default: SALMONN's, BERT-base sized).
+        The bridge, LoRA and prompt settings come from this project's checkpoint when given, else
+        SALMONN's (BERT-base Q-Former, r=8, alpha=32, dropout 0.1); the arguments override either.
+        qformer: overrides of QFormerConfig fields.
         """
+        arch = {}
+        if ckpt is not None and Path(ckpt).is_dir():
+            saved = cls.checkpoint_info(ckpt)["config"]
+            arch = {k: saved[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "prompt") if k in saved}
+            arch["qformer"] = {k: v for k, v in saved.get("qformer", {}).items()
+                               if k not in ("speech_dim", "audio_dim", "llm_hidden")}
+        given = {"lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "prompt": prompt}
+        arch.update({k: v for k, v in given.items() if v is not None})
+        arch["qformer"] = {**arch.get("qformer", {}), **(qformer or {})}
         llm = LLM.from_pretrained(llm_dir, dtype=dtype, device=device)
         speech_encoder = WhisperEncoder.from_pretrained(whisper_path, dtype=dtype, device=device)
         beats = BEATs.from_pretrained(beats_path, dtype=dtype, device=device) if beats_path else None
         qcfg = QFormerConfig(**{"speech_dim": speech_encoder.config.d_model, "llm_hidden": llm.config.hidden_size,
                                 "audio_dim": beats.config.encoder_embed_dim if beats is not None else 0,
-                                **(qformer or {})})
+                                **arch.pop("qformer")})
         cfg = SpeechLLMConfig(llm=llm.config, whisper=speech_encoder.config, qformer=qcfg,
-                              beats=beats.config if beats is not None else None, lora_r=lora_r,
-                              lora_alpha=lora_alpha, lora_dropout=lora_dropout, prompt=prompt)
+                              beats=beats.config if beats is not None else None, **arch)
         with torch.device(device):
             model = cls(cfg, load_tokenizer(llm_dir), llm=llm, speech_encoder=speech_encoder, beats=beats)
         model.sources = {"llm": str(llm_dir), "whisper": str(whisper_path),

@@ -10,10 +10,23 @@ and the layers kept for the alignment loss are
 The paper uses 1,000 LibriSpeech test-clean pairs; for Vicuna-13B it finds layers 0-5 above 0.5 and
 the rest below 0.01, for Qwen2-7B layers 0-1 (Figure 4).
 
-This file holds the library functions; W comes from `sinkhorn.wasserstein_matrix`.
+W comes from `sinkhorn.wasserstein_matrix`. The command line runs the whole stage on a stage-1 checkpoint:
+
+    python select_layers.py --ckpt runs/stage1/final --data librispeech_test_clean.jsonl \
+        --num-pairs 1000 --threshold 0.05 --out runs/layer_selection
+
+It samples --num-pairs utterances with --seed, runs the speech pass (speech in the prompt) and the text
+pass (the transcript in its place) of the speech LLM with the same instruction, keeps the hidden states
+of every layer at the speech and transcript positions, and writes layer_selection.json (MRR per layer,
+the selected layers, every setting, the sampled entries) and layer_selection.png (like Figure 4).
+Memory: all requested layers' states are kept on the CPU in the model's dtype, about 25 GB for 1,000
+pairs of Qwen2-7B (29 layers) in bf16; --layers restricts them (e.g. --layers 0-8).
 """
+import argparse
 import json
 import math
+import random
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence, Tuple, Union
 
@@ -169,3 +182,121 @@ def save_results(result: dict, out_dir, name: str = "layer_selection", settings:
 def load_results(path) -> dict:
     """Reads a JSON written by save_results."""
     return json.loads(Path(path).read_text())
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def parse_layers(spec: str, num_layers: int) -> list:
+    """'all' or a list like '0-5,8' -> sorted layer ids within 0..num_layers (0 = embeddings)."""
+    if spec == "all":
+        return list(range(num_layers + 1))
+    out = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"--layers {spec!r}: expected 'all' or a list like '0-5,8'") from None
+    bad = sorted(l for l in out if not 0 <= l <= num_layers)
+    if bad:
+        raise ValueError(f"--layers {spec!r}: layer(s) {bad} outside 0..{num_layers}")
+    return sorted(out)
+
+
+@torch.no_grad()
+def extract_states(model, entries: Sequence[dict], layers: Sequence[int], instruction: str, batch_size: int,
+                   device, progress: bool = True) -> dict:
+    """{layer: (speech states, text states)}: per entry, (88, d) at the speech positions and (m, d) at the
+    transcript positions, on the CPU. Both passes use the same instruction (Sec. 4.2)."""
+    import data
+    from tqdm import tqdm
+
+    speech = {l: [] for l in layers}
+    text = {l: [] for l in layers}
+    n_mels = model.config.whisper.num_mel_bins
+    for start in tqdm(range(0, len(entries), batch_size), desc="hidden states", unit="batch", disable=not progress):
+        batch = entries[start:start + batch_size]
+        mel, fbank, padding_mask = data.load_batch([e["audio"] for e in batch], n_mels=n_mels, device=device)
+        sp = model.speech_pass(model.encode_speech(mel, fbank, padding_mask), [instruction] * len(batch),
+                               layers=layers)
+        tx = model.text_pass([e["transcript"] for e in batch], [instruction] * len(batch), layers=layers)
+        for l in layers:
+            for i in range(len(batch)):
+                speech[l].append(sp.hidden_states[l][i][sp.mask[i]].cpu())   # (88, d)
+                text[l].append(tx.hidden_states[l][i][tx.mask[i]].cpu())     # (m_i, d)
+    return {l: (speech[l], text[l]) for l in layers}
+
+
+def main(argv=None):
+    from model import INSTRUCTIONS, SpeechLLM
+
+    ap = argparse.ArgumentParser(description="AI-STA stage 2: pick the LLM layers to align (Sec. 4.2).")
+    ap.add_argument("--ckpt", required=True,
+                    help="stage-1 checkpoint: this project's checkpoint directory or a SALMONN .pth file")
+    ap.add_argument("--data", required=True, help="JSONL manifest with 'audio' and 'transcript' per line")
+    ap.add_argument("--out", required=True, help="output directory for layer_selection.json and .png")
+    ap.add_argument("--llm", help="LLM checkpoint directory (default: the one recorded in --ckpt)")
+    ap.add_argument("--whisper", help="whisper-large-v2 directory or model.safetensors (default: recorded)")
+    ap.add_argument("--beats", help="BEATs .pt checkpoint (default: recorded; 'none' for a Whisper-only model)")
+    ap.add_argument("--num-pairs", type=int, default=1000, help="speech-transcript pairs to sample (paper: 1000)")
+    ap.add_argument("--threshold", type=float, default=THRESHOLD, help="keep layers with MRR above this (Eq. 5)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the pair sampling")
+    ap.add_argument("--instruction", default=None,
+                    help=f"the instruction of both passes (default: {INSTRUCTIONS['asr'][0]!r})")
+    ap.add_argument("--layers", default="all", help="layers to evaluate, 'all' or e.g. '0-8' (0 = embeddings)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                    help="dtype of the frozen model (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--max-bytes", type=int, default=None, help="work memory of one OT chunk (default per device)")
+    ap.add_argument("--eps-rel", type=float, default=sinkhorn.EPS_REL, help="Sinkhorn ε relative to the cost scale")
+    ap.add_argument("--tol", type=float, default=sinkhorn.TOL, help="Sinkhorn stop: L1 marginal error")
+    ap.add_argument("--max-iter", type=int, default=sinkhorn.MAX_ITER)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    import data
+    instruction = args.instruction or INSTRUCTIONS["asr"][0]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    sources = SpeechLLM.checkpoint_info(args.ckpt).get("sources", {}) if Path(args.ckpt).is_dir() else {}
+    paths = {k: getattr(args, k) or sources.get(k) for k in ("llm", "whisper", "beats")}
+    for k in ("llm", "whisper"):
+        if not paths[k]:
+            sys.exit(f"select_layers.py: --{k} is required: {args.ckpt} records no {k} path")
+    if paths["beats"] == "none":
+        paths["beats"] = None
+
+    entries = data.read_manifest(args.data, require=("audio", "transcript"))
+    if args.num_pairs > len(entries):
+        sys.exit(f"select_layers.py: --num-pairs {args.num_pairs} but {args.data} has {len(entries)} entries")
+    picked = random.Random(args.seed).sample(range(len(entries)), args.num_pairs)
+    entries = [entries[i] for i in picked]
+
+    model = SpeechLLM.from_pretrained(paths["llm"], paths["whisper"], paths["beats"], ckpt=args.ckpt,
+                                      dtype=dtype, device=args.device).eval()
+    layers = parse_layers(args.layers, model.config.llm.num_hidden_layers)
+    states = extract_states(model, entries, layers, instruction, args.batch_size, args.device,
+                            progress=not args.no_progress)
+    del model
+
+    def one_layer_at_a_time():   # frees each layer's states once its distances are computed
+        for l in layers:
+            yield (l, *states.pop(l))
+
+    result = layer_retrieval(one_layer_at_a_time(), threshold=args.threshold, device=args.device,
+                             max_bytes=args.max_bytes, eps_rel=args.eps_rel, tol=args.tol, max_iter=args.max_iter,
+                             progress=not args.no_progress,
+                             on_layer=lambda l, v: print(f"layer {l:2d}: MRR {v:.4f}", flush=True))
+    settings = dict(vars(args), instruction=instruction, dtype=str(dtype).removeprefix("torch."), **{
+        f"{k}_path": v for k, v in paths.items()})
+    result["pairs"] = [{"index": i, "audio": e["audio"], "transcript": e["transcript"]} for i, e in zip(picked, entries)]
+    json_path, png_path = save_results(result, args.out, settings=settings)
+    print(f"selected layers (MRR > {args.threshold}): {result['selected']}")
+    print(f"wrote {json_path} and {png_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

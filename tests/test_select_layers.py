@@ -105,3 +105,55 @@ def test_project_modules_import_neither_matplotlib_nor_pot():
             "bad = [m for m in ('matplotlib', 'ot') if m in sys.modules]; assert not bad, bad")
     root = Path(select_layers.__file__).resolve().parent
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+# ---------------------------------------------------------------- the command line, end to end
+
+def test_cli_end_to_end(tmp_path, tiny_ckpts):
+    """A stage-1 checkpoint of a tiny speech LLM, a manifest of real audio files, the whole command."""
+    import numpy as np
+    import soundfile as sf
+
+    from conftest import TINY_QFORMER
+    from model import SpeechLLM
+
+    model = SpeechLLM.from_pretrained(tiny_ckpts["llm"], tiny_ckpts["whisper"], tiny_ckpts["beats"],
+                                      dtype=torch.float32, qformer=TINY_QFORMER, verbose=False)
+    model.save_trainable(tmp_path / "stage1")
+    (tmp_path / "clips").mkdir()
+    words = ["hello world", "this is a test", "numbers and spaces", "new lines", "it's fine", "the tokenizer"]
+    lines = []
+    for i, w in enumerate(words):
+        t = np.arange(int((1.0 + 0.3 * i) * 16000)) / 16000
+        sf.write(tmp_path / "clips" / f"{i}.flac", (0.2 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32), 16000)
+        lines.append(json.dumps({"audio": f"clips/{i}.flac", "transcript": w}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+
+    result = select_layers.main(["--ckpt", str(tmp_path / "stage1"), "--data", str(tmp_path / "m.jsonl"),
+                                 "--num-pairs", "5", "--batch-size", "2", "--out", str(tmp_path / "out"),
+                                 "--device", "cpu", "--no-progress"])
+    saved = load_results(tmp_path / "out" / "layer_selection.json")
+    assert saved["layers"] == [0, 1, 2, 3] and len(saved["mrr"]) == 4     # 3 blocks + the embeddings
+    assert all(0 < v <= 1 for v in saved["mrr"])
+    assert saved["selected"] == select(dict(zip(saved["layers"], saved["mrr"])), 0.05)
+    assert saved["num_speech"] == 5 and len(saved["pairs"]) == 5
+    assert saved["settings"]["llm_path"] == str(tiny_ckpts["llm"]) and saved["settings"]["seed"] == 0
+    assert (tmp_path / "out" / "layer_selection.png").stat().st_size > 1000
+    assert result["mrr"] == saved["mrr"]
+
+    with pytest.raises(SystemExit, match="--num-pairs 9 but"):
+        select_layers.main(["--ckpt", str(tmp_path / "stage1"), "--data", str(tmp_path / "m.jsonl"),
+                            "--num-pairs", "9", "--out", str(tmp_path / "out2"), "--device", "cpu"])
+    torch.save({"model": {}}, tmp_path / "salmonn.pth")
+    with pytest.raises(SystemExit, match="--llm is required"):
+        select_layers.main(["--ckpt", str(tmp_path / "salmonn.pth"), "--data", str(tmp_path / "m.jsonl"),
+                            "--out", str(tmp_path / "out3"), "--device", "cpu"])
+
+
+def test_parse_layers():
+    assert select_layers.parse_layers("all", 3) == [0, 1, 2, 3]
+    assert select_layers.parse_layers("0-1,3", 3) == [0, 1, 3]
+    with pytest.raises(ValueError, match="outside 0..3"):
+        select_layers.parse_layers("2-5", 3)
+    with pytest.raises(ValueError, match="expected 'all'"):
+        select_layers.parse_layers("x", 3)
