@@ -248,3 +248,31 @@ def test_trainable_counts_at_real_sizes():
     totals = {h: count_trainable(bridges[h])["total"] for h in bridges}
     assert totals[5120] + 6_553_600 == 33_332_992  # Vicuna-13B: 33.3 M (the paper says 64 M)
     assert totals[3584] + 2_523_136 == 28_121_344  # Qwen2-7B: 28.1 M (the paper says 28 M)
+
+
+def test_adapter_trained_on_our_llm_loads_in_peft(tmp_path):
+    """Our LLM with our LoRA -> PEFT adapter directory -> transformers' Qwen2 + peft: the same logits,
+    merged or not (our module paths are HF's, so the adapter's keys land on the right projections)."""
+    from model import LLM
+
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                      attn_implementation="sdpa")).eval()
+    hf.save_pretrained(tmp_path / "base")
+    ours = LLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    inject_lora(ours, r=4, alpha=16, dropout=0.0)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    export_peft_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    base = LLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        ref = peft_model(ids).logits
+        assert (ref - base(ids).logits).abs().max() > 1e-2    # the adapter does change the logits
+        torch.testing.assert_close(ours(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        merge_lora(ours)
+        torch.testing.assert_close(ours(ids).logits, ref, rtol=1e-4, atol=1e-4)
