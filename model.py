@@ -1527,18 +1527,15 @@ class SpeechLLM(nn.Module):
             raise CheckpointError(f"{path}: no such checkpoint file or directory")
 
     def _load_trainable_sd(self, sd: dict[str, torch.Tensor], source) -> None:
-        own = self.trainable_state_dict()
-        missing, unexpected = set(own) - set(sd), set(sd) - set(own)
-        if missing or unexpected:
-            raise CheckpointError(f"{source}: missing key(s) [{_list_keys(missing)}], "
-                                  f"unexpected key(s) [{_list_keys(unexpected)}]")
-        for k, t in sd.items():
-            if tuple(t.shape) != tuple(own[k].shape):
-                raise CheckpointError(f"{source}: key {k} has shape {tuple(t.shape)}, "
-                                      f"but the model expects {tuple(own[k].shape)}")
-        with torch.no_grad():
-            for k, t in sd.items():
-                own[k].copy_(t)
+        """Every trainable weight from `sd` (nothing else), through the one loader with its key checks."""
+        trainable = set(self.trainable_names())
+        frozen = [k for k in sd if k in self.state_dict() and k not in trainable]
+        if frozen:   # never overwrite the frozen weights from a trainable-weights checkpoint
+            raise CheckpointError(f"{source}: key(s) of frozen weights in a trainable-weights checkpoint: "
+                                  f"{_list_keys(frozen)}")
+        device = next(self.bridge.parameters()).device
+        load_state_dict_into(self, [(source, sd)], source, device=device,
+                             allow_missing=set(self.state_dict()) - trainable)
 
     # ------------------------------------------------------------------ the forward passes
     def encode_speech(self, mel: torch.Tensor, fbank: torch.Tensor | None = None,

@@ -258,3 +258,19 @@ def test_from_pretrained_public_layouts(tmp_path, tiny_ckpts, capsys):
                                       ckpt=tmp_path / "ckpt", dtype=torch.float32, verbose=False)
     assert again.config == m.config   # the bridge's and LoRA's shape come from the checkpoint
     assert_close(again.encode_speech(mel, fbank, mask), speech)
+
+
+def test_loaded_checkpoint_keeps_the_trainable_set(tmp_path, vicuna_dir):
+    a = tiny_speech_llm(vicuna_dir, "llama", seed=1)
+    a.save_trainable(tmp_path / "ckpt")
+    b = tiny_speech_llm(vicuna_dir, "llama", seed=2)
+    names = b.trainable_names()
+    b.load_trainable(tmp_path / "ckpt")
+    assert b.trainable_names() == names
+    assert all(p.dtype == torch.float32 for n, p in b.named_parameters() if p.requires_grad)
+    from safetensors.torch import load_file, save_file
+    sd = load_file(tmp_path / "ckpt" / "trainable.safetensors")
+    del sd["bridge.speech_llama_proj.bias"]
+    save_file(sd, tmp_path / "ckpt" / "trainable.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing key\(s\).*bridge\.speech_llama_proj\.bias"):
+        b.load_trainable(tmp_path / "ckpt")
