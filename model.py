@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import count_trainable, inject_lora, load_salmonn_lora
-from qformer import QFormerConfig, WindowQFormer, load_salmonn_qformer, read_salmonn_checkpoint
+from lora import count_trainable, inject_lora, lora_state_from_salmonn
+from qformer import QFormerConfig, WindowQFormer, qformer_state_from_salmonn, read_salmonn_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -420,11 +420,10 @@ class LLM(nn.Module):
             key_mask, start = new_mask, 0
         positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]   # (B, T)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        if attention_mask is None and (cache is None or bool(cache.key_mask[:, :start].all())):
-            # no padding anywhere: SDPA's own causal path (or, for T=1 decode steps, no mask at all)
-            mask, is_causal = None, (T > 1 and start == 0)
-            if T > 1 and start > 0:
-                mask = _attention_mask(key_mask, start)
+        padded = attention_mask is not None or (cache is not None and not bool(cache.key_mask[:, :start].all()))
+        if not padded and (start == 0 or T == 1):
+            # no padding: SDPA's own causal path, or for a one-token decode step no mask at all
+            mask, is_causal = None, start == 0 and T > 1
         else:
             mask, is_causal = _attention_mask(key_mask, start), False
 
@@ -1297,6 +1296,10 @@ class PromptBatch:
     slot_mask: torch.Tensor
     labels: torch.Tensor | None = None
 
+    def truncate(self, end: int) -> "PromptBatch":
+        """The first `end` positions (no labels): enough for hidden states up to the end of the slot."""
+        return PromptBatch(self.input_ids[:, :end], self.attention_mask[:, :end], self.slot_mask[:, :end])
+
 
 class Prompter:
     """Turns (instruction, slot length or slot ids, target) into token ids with the backbone's template.
@@ -1444,9 +1447,9 @@ class SpeechLLM(nn.Module):
         """
         arch = {}
         if ckpt is not None and Path(ckpt).is_dir():
-            saved = cls.checkpoint_info(ckpt)["config"]
-            arch = {k: saved[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "prompt") if k in saved}
-            arch["qformer"] = {k: v for k, v in saved.get("qformer", {}).items()
+            saved = cls.saved_config(ckpt)
+            arch = {k: getattr(saved, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "prompt")}
+            arch["qformer"] = {k: v for k, v in asdict(saved.qformer).items()
                                if k not in ("speech_dim", "audio_dim", "llm_hidden")}
         given = {"lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "prompt": prompt}
         arch.update({k: v for k, v in given.items() if v is not None})
@@ -1507,22 +1510,27 @@ class SpeechLLM(nn.Module):
             raise CheckpointError(f"{f}: not a checkpoint config ({type(e).__name__}: {e})") from None
         return info
 
+    @classmethod
+    def saved_config(cls, ckpt: str | os.PathLike) -> SpeechLLMConfig:
+        """The SpeechLLMConfig recorded in one of this project's checkpoint directories."""
+        return SpeechLLMConfig.from_dict(cls.checkpoint_info(ckpt)["config"], source=str(Path(ckpt) / CONFIG_FILE))
+
     def load_trainable(self, ckpt: str | os.PathLike) -> None:
         """Load the trainable weights from this project's checkpoint directory or a SALMONN .pth file."""
         path = Path(ckpt)
         if path.is_dir():
-            cfg_file = path / CONFIG_FILE
-            saved = self.checkpoint_info(path)["config"]
+            saved = self.saved_config(path).llm
             for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
-                if saved.get("llm", {}).get(field) != getattr(self.config.llm, field):
-                    raise CheckpointError(f"{cfg_file}: trained for an LLM with {field}="
-                                          f"{saved.get('llm', {}).get(field)}, this model has "
-                                          f"{getattr(self.config.llm, field)}")
+                if getattr(saved, field) != getattr(self.config.llm, field):
+                    raise CheckpointError(f"{path / CONFIG_FILE}: trained for an LLM with {field}="
+                                          f"{getattr(saved, field)}, this model has {getattr(self.config.llm, field)}")
             self._load_trainable_sd(_read_file(path / TRAINABLE_FILE), path / TRAINABLE_FILE)
         elif path.is_file():
+            # SALMONN's layout -> our keys: the bridge's names are SALMONN's, LoRA's lose their peft wrapping
             sd = read_salmonn_checkpoint(str(path))
-            load_salmonn_qformer(self.bridge, sd, source=str(path))
-            load_salmonn_lora(self.llm, sd, source=str(path))
+            ours = {"bridge." + k: v for k, v in qformer_state_from_salmonn(sd, str(path)).items()}
+            ours.update({"llm." + k: v for k, v in lora_state_from_salmonn(sd).items()})
+            self._load_trainable_sd(ours, path)
         else:
             raise CheckpointError(f"{path}: no such checkpoint file or directory")
 
@@ -1570,7 +1578,7 @@ class SpeechLLM(nn.Module):
         batch = self.prompter.build(instructions, [n] * B, targets)
         start = len(self.prompter.before_ids)        # the slot starts at the same position in every row
         if targets is None:   # only hidden states: by causality nothing after the speech changes them
-            batch = PromptBatch(*(t[:, :start + n] for t in (batch.input_ids, batch.attention_mask, batch.slot_mask)))
+            batch = batch.truncate(start + n)
         x = self._embed(batch, speech_embeds)
         L = self.config.llm.num_hidden_layers
         want = set(layers) | ({L} if targets is not None else set())
@@ -1605,7 +1613,7 @@ class SpeechLLM(nn.Module):
         ids = [self.prompter.text_ids(t, "transcript") for t in transcripts]
         batch = self.prompter.build(instructions, ids)
         start, n = len(self.prompter.before_ids), max(len(i) for i in ids)
-        cut = PromptBatch(*(t[:, :start + n] for t in (batch.input_ids, batch.attention_mask, batch.slot_mask)))
+        cut = batch.truncate(start + n)
         was_training = self.llm.training
         self.llm.eval()
         try:
