@@ -308,7 +308,8 @@ def pad_or_trim(audio: torch.Tensor, length: int = N_SAMPLES) -> torch.Tensor:
 
 
 def _log_mel(audio: torch.Tensor, n_mels: int) -> torch.Tensor:
-    """(B, 480000) -> (B, n_mels, 3000): the computation behind log_mel_spectrogram."""
+    """(B, n_frames * 160) -> (B, n_mels, n_frames), e.g. (B, 480000) -> (B, n_mels, 3000): the computation
+    behind log_mel_spectrogram."""
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=_hann_window(audio.device), center=True,
                       pad_mode="reflect", return_complex=True)  # (B, 201, 3001)
     power = stft.real.square().addcmul_(stft.imag, stft.imag)  # |X|^2 = re^2 + im^2, without abs()'s sqrt
@@ -323,20 +324,26 @@ def _log_mel(audio: torch.Tensor, n_mels: int) -> torch.Tensor:
     return log_spec.add_(4.0).div_(4.0)  # roughly into [-1, 1]
 
 
-def log_mel_spectrogram(audio, n_mels: int = 80, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+def log_mel_spectrogram(audio, n_mels: int = 80, padding_mask: torch.Tensor | None = None,
+                        n_frames: int = N_FRAMES) -> torch.Tensor:
     """Whisper's input features, as openai/whisper and HF's WhisperFeatureExtractor compute them.
 
     audio: 16 kHz float waveform(s) in [-1, 1]: (N,), (B, N), or a list of B tensors (N_b,).
     padding_mask: optional (B, N) bool for a (B, N) input, True = padding (as pad_batch returns); those
         samples are set to zero, so each row gives what it gives alone (Whisper pads every clip with zeros).
-    Returns (n_mels, 3000) for (N,) input, else (B, n_mels, 3000); float32 on the input's device.
+    n_frames: the encoder's input length (WhisperEncoderConfig.n_frames): 3000 = 30 s for every real
+        Whisper; a smaller encoder (the toy world's) takes n_frames * 160 samples.
+    Returns (n_mels, n_frames) for (N,) input, else (B, n_mels, n_frames); float32 on the input's device.
 
-    Every clip is padded/cut to exactly 30 s, then: centred STFT (n_fft 400, hop 160, periodic Hann,
+    Every clip is padded/cut to exactly n_frames * 160 samples (30 s), then: centred STFT (n_fft 400, hop 160, periodic Hann,
     reflect padding) -> power -> drop the last frame -> mel (Slaney) -> log10(clamp(1e-10)) ->
     floor at (max - 8) per clip -> (x + 4) / 4.
     """
-    audio, batched = _as_batch(audio, padding_mask, "log_mel_spectrogram", length=N_SAMPLES)
-    log_spec = _by_rows(lambda rows: _log_mel(rows, n_mels), pad_or_trim(audio))  # (B, n_mels, 3000)
+    if not isinstance(n_frames, int) or n_frames < 1:
+        raise AudioError(f"log_mel_spectrogram: n_frames must be a positive integer, got {n_frames!r}")
+    n_samples = n_frames * HOP_LENGTH
+    audio, batched = _as_batch(audio, padding_mask, "log_mel_spectrogram", length=n_samples)
+    log_spec = _by_rows(lambda rows: _log_mel(rows, n_mels), pad_or_trim(audio, n_samples))  # (B, n_mels, n_frames)
     return log_spec if batched else log_spec[0]
 
 

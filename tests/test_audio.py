@@ -106,6 +106,16 @@ def test_log_mel_matches_whisper_feature_extractor(n_mels):
     assert torch.all(ours[names.index("silence 2 s")] == -1.5)
 
 
+def test_log_mel_of_a_shorter_encoder_window_matches_whisper_feature_extractor():
+    # a smaller Whisper (the toy world's) takes fewer frames: HF's extractor with chunk_length=6 -> 600 frames
+    clips = [SIGNALS["chirp+noise 5 s"], SIGNALS["speech-like 7 s"]]   # one shorter, one longer than 6 s
+    ref = WhisperFeatureExtractor(feature_size=80, chunk_length=6)(
+        clips, sampling_rate=SR, padding="max_length", truncation=True, return_tensors="pt").input_features
+    ours = data.log_mel_spectrogram([torch.from_numpy(x) for x in clips], n_frames=600)
+    assert ours.shape == ref.shape == (2, 80, 600)
+    assert (ours - ref).abs().max().item() <= 1e-4   # float32 STFT vs HF's float64 numpy: 1e-4 as above
+
+
 def test_log_mel_padded_batch_with_mask():
     clips = [torch.from_numpy(SIGNALS["chirp+noise 5 s"]), torch.from_numpy(SIGNALS["speech-like 7 s"][: 3 * SR])]
     wavs, mask = data.pad_batch(clips)
