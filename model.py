@@ -29,8 +29,7 @@ import json
 import math
 import os
 import re
-from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -568,25 +567,13 @@ def _beam_search(logits, step, cache: KVCache, eos: list[int], B: int, K: int, m
 
 # ------------------------------------------------------------------ tokenizers
 
-class Tokenizer(ABC):
-    """encode / decode and the special ids, read from the tokenizer files (never from config.json, whose
-    bos/eos are wrong for Vicuna-13B-v1.1)."""
-
+class Tokenizer:
+    """The interface of both tokenizers: bos_id (None for Qwen2), eos_id, pad_id, read from the tokenizer files
+    (never from config.json, whose bos/eos are wrong for Vicuna-13B-v1.1); encode(text, bos=False) -> ids
+    (special-token strings become their ids); decode(ids) -> text (special tokens skipped); token_id(token)."""
     bos_id: int | None
     eos_id: int
     pad_id: int
-
-    @abstractmethod
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        """text -> ids; special-token strings in the text become their ids; BOS first if `bos` and defined."""
-
-    @abstractmethod
-    def decode(self, ids: Sequence[int]) -> str:
-        """ids -> text, special tokens skipped."""
-
-    @abstractmethod
-    def token_id(self, token: str) -> int:
-        """The id of one token string; an error if it is not in the vocabulary."""
 
 
 class BPETokenizer(Tokenizer):
