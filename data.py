@@ -1,9 +1,11 @@
-"""The audio front end of SALMONN / AI-STA: an audio file becomes the inputs of the two encoders.
+"""The data of SALMONN / AI-STA: corpora become manifests, audio files become the inputs of the two encoders.
 
-    load_audio(path)             file -> mono float32 waveform at 16 kHz, padded to >= 1 s, cut to <= 30 s
+    load_audio(path, start, end) file (or a segment of it) -> mono float32 waveform at 16 kHz, >= 1 s, <= 30 s
     pad_batch(wavs)              B waveforms -> (B, N_max) zero-padded + (B, N_max) padding mask
     log_mel_spectrogram(wavs)    Whisper's input: (B, n_mels, 3000) log-mel, always 30 s
     beats_fbank(wavs)            BEATs' input: (B, T, 128) normalised Kaldi fbank, T = 1 + (N - 400) // 160
+    read_manifest(path)          a JSON-lines manifest -> validated entries (task_key, target_text read them)
+    SpeechDataset, collate, Batch, StreamSampler, ShardSampler    what train.py and evaluate.py iterate over
 
 Quirks worth knowing (each one is commented where it happens):
 - Whisper always sees 30 s: every clip is zero-padded (or trimmed) to 480000 samples *before* the STFT, so
@@ -18,11 +20,19 @@ Quirks worth knowing (each one is commented where it happens):
 
 Everything after the file read is torch in float32 on the input's device (CPU or CUDA).
 """
+import json
 import math
+import os
+import re
+import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
 
 import soundfile as sf
 import torch
@@ -66,43 +76,122 @@ class AudioError(ValueError):
 
 
 # ---- reading files ----------------------------------------------------------------------------------------
-def read_audio(path: str | Path) -> tuple[torch.Tensor, int]:
-    """Read any format libsndfile knows (wav, flac, ogg/vorbis/opus, mp3) and average the channels.
+# A segment [start, end) may end a little past the file (manifests round their times; GigaSpeech's end times
+# have 2-4 decimals): up to this much it is cut to the file's end, beyond it the entry is an error.
+SEGMENT_END_SLACK = 0.1  # seconds
 
-    Returns (wav (N,) float32 in [-1, 1], sample_rate). Raises FileNotFoundError for a missing file and
-    AudioError for an empty, undecodable or non-finite one.
-    """
-    path = Path(path)
+
+def _open(path: Path) -> sf.SoundFile:
+    """Open an audio file for reading; errors name the file (libsndfile's own can mislead: a bad mp3
+    reads "File does not exist")."""
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
     if path.stat().st_size == 0:
         raise AudioError(f"audio file is empty (0 bytes): {path}")
     try:
-        samples, sample_rate = sf.read(path, dtype="float32", always_2d=True)  # (frames, channels)
+        f = sf.SoundFile(path)
     except (sf.LibsndfileError, RuntimeError) as err:
-        # libsndfile's own messages can mislead (a bad mp3 reads "File does not exist"), so say what happened
         raise AudioError(f"cannot decode audio file {path}: {err}") from err
-    if samples.shape[0] == 0:
+    if f.frames == 0:
+        f.close()
         raise AudioError(f"audio file has no samples: {path}")
-    wav = torch.from_numpy(samples).mean(dim=1)  # (N,); SALMONN keeps channel 0 of stereo, we average
-    if not _all_finite(wav):
-        raise AudioError(f"audio file contains NaN or inf samples: {path}")
-    return wav, int(sample_rate)
+    promised = _wav_promised_frames(f)
+    if promised is not None:
+        f.close()
+        raise AudioError(f"truncated audio file {path}: its header promises {promised / f.samplerate:.3f} s, "
+                         f"it holds {f.frames / f.samplerate:.3f} s")
+    return f
 
 
-def load_audio(path: str | Path) -> torch.Tensor:
-    """SALMONN's audio loading, plus resampling: file -> mono 16 kHz waveform (N,), float32.
+def _wav_promised_frames(f: sf.SoundFile) -> int | None:
+    """The frame count a WAV header promises when the file holds fewer (None otherwise).
 
-    1 s <= N / 16000 <= 30 s: shorter clips are zero-padded at the end to 1 s, longer ones are cut to their
-    first 30 s with a warning naming the file.
+    libsndfile quietly shortens a WAV whose 'data' chunk is larger than the file (a download cut short) to
+    what is there, and only says so in its log: "data : 96000 (should be 48000)".
     """
-    wav, sr = read_audio(path)
-    if wav.shape[0] > CHUNK_LENGTH * sr:
-        warnings.warn(f"{path}: {wav.shape[0] / sr:.2f} s is longer than {CHUNK_LENGTH} s; "
-                      f"keeping the first {CHUNK_LENGTH} s", stacklevel=2)
-        # keep a margin beyond 30 s so the resampling filter near the cut sees real signal, not zeros
-        wav = wav[: CHUNK_LENGTH * sr + _resample_margin(sr, SAMPLE_RATE)]
-    wav = resample(wav, sr, SAMPLE_RATE)[:N_SAMPLES]
+    if f.format != "WAV":
+        return None
+    log = f.extra_info
+    data = re.search(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", log, re.M)
+    align = re.search(r"Block Align\s*:\s*(\d+)", log)
+    if data is None or align is None or int(data[1]) <= int(data[2]):
+        return None
+    return int(data[1]) // int(align[1])
+
+
+def _read_frames(f: sf.SoundFile, path: Path, first: int, count: int) -> torch.Tensor:
+    """Frames [first, first + count) of an open file, channels averaged: (count,) float32."""
+    try:
+        f.seek(first)
+        samples = f.read(count, dtype="float32", always_2d=True)  # (count, channels)
+    except (sf.LibsndfileError, RuntimeError) as err:
+        raise AudioError(f"cannot decode audio file {path}: {err}") from err
+    if samples.shape[0] < count:  # the header promised frames the file does not hold (a cut-short mp3/flac)
+        raise AudioError(f"truncated audio file {path}: its header promises {f.frames / f.samplerate:.3f} s, "
+                         f"it holds {(first + samples.shape[0]) / f.samplerate:.3f} s")
+    # numpy, not torch, for these two: torch's reductions start threads, which costs more than the work here
+    wav = samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1)  # SALMONN keeps channel 0, we average
+    if not (np.isfinite(wav.sum()) or np.isfinite(wav).all()):  # one cheap sum first, as in _all_finite
+        raise AudioError(f"audio file contains NaN or inf samples: {path}")
+    return torch.from_numpy(np.ascontiguousarray(wav))  # (count,)
+
+
+def read_audio(path: str | Path) -> tuple[torch.Tensor, int]:
+    """Read a whole file in any format libsndfile knows (wav, flac, ogg/vorbis/opus, mp3), channels averaged.
+
+    Returns (wav (N,) float32 in [-1, 1], sample_rate). Raises FileNotFoundError for a missing file and
+    AudioError for an empty, undecodable, truncated or non-finite one.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        return _read_frames(f, path, 0, f.frames), f.samplerate
+
+
+def audio_info(path: str | Path) -> tuple[int, int]:
+    """(frames, sample_rate) from the file's header alone, with the same errors as read_audio."""
+    path = Path(path)
+    with _open(path) as f:
+        return f.frames, f.samplerate
+
+
+def load_audio(path: str | Path, start: float | None = None, end: float | None = None,
+               max_samples: int | None = N_SAMPLES, warn_cut: bool = True) -> torch.Tensor:
+    """SALMONN's audio loading, plus resampling and segments: file -> mono 16 kHz waveform (N,), float32.
+
+    start, end: seconds, a segment [start, end) of the file (either may be None: the file's start / end).
+        Only the segment's frames are read (plus the resampling filter's reach on each side), so an utterance
+        of an hour-long GigaSpeech podcast costs what the utterance costs. The result equals the whole file's
+        16 kHz waveform sliced at round(start * 16000) : round(end * 16000).
+    max_samples: longer clips are cut to their first max_samples (30 s, SALMONN's and Whisper's limit), with
+        a warning naming the file if warn_cut; None keeps everything. Shorter clips than 1 s are zero-padded
+        at the end to 1 s, as SALMONN does.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        sr, n_in = f.samplerate, f.frames
+        g = math.gcd(sr, SAMPLE_RATE)
+        up, down = SAMPLE_RATE // g, sr // g
+        n_out = -(-n_in * up // down)  # the whole file's length at 16 kHz (as resample() makes it)
+        lo = 0 if start is None else round(start * SAMPLE_RATE)
+        hi = n_out if end is None else round(end * SAMPLE_RATE)
+        if not 0 <= lo < min(hi, n_out) or hi > n_out + SEGMENT_END_SLACK * SAMPLE_RATE:
+            raise AudioError(f"segment [{start}, {end}) s is not inside {path} ({n_in / sr:.3f} s)")
+        hi = min(hi, n_out)
+        if max_samples is not None and hi - lo > max_samples:
+            if warn_cut:
+                warnings.warn(f"{path}: {(hi - lo) / SAMPLE_RATE:.2f} s is longer than "
+                              f"{max_samples / SAMPLE_RATE:g} s; keeping the first {max_samples / SAMPLE_RATE:g} s",
+                              stacklevel=2)
+            hi = lo + max_samples
+        # Input frames that output samples [lo, hi) depend on: their instants lo*down/up .. hi*down/up, plus the
+        # filter's reach. The first frame read is a multiple of `down`, so that the segment's output samples fall
+        # on the whole file's output grid (output i of the segment is output i + first*up/down of the file).
+        margin = 0 if sr == SAMPLE_RATE else _resample_margin(sr, SAMPLE_RATE)
+        first = max(0, lo * down // up - margin) // down * down
+        last = min(n_in, -(-hi * down // up) + margin)
+        wav = _read_frames(f, path, first, last - first)
+    offset = first * up // down
+    wav = resample(wav, sr, SAMPLE_RATE)[lo - offset: hi - offset]
     if wav.shape[0] < MIN_SAMPLES:
         wav = F.pad(wav, (0, MIN_SAMPLES - wav.shape[0]))
     return wav
@@ -436,46 +525,378 @@ def beats_fbank(wavs, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     return fbank if batched else fbank[0]
 
 
-# ---- manifests and batches --------------------------------------------------------------------------------
-# A manifest is a JSON-lines file, one utterance per line:
-#   {"audio": "clips/common_voice_en_1.mp3", "transcript": "the source text", "target": "译文", "task": "st_en_zh"}
-# `audio` is a path, absolute or relative to the manifest's folder; the text fields a stage needs must be
-# there (layer selection: transcript; training: target; the joint stage: both).
+# ---- manifests ----------------------------------------------------------------------------------------------
+# A manifest is a JSON-lines file, one utterance per line (the README has an example per task):
+#   id (str, unique), audio (path, relative to the manifest's folder or absolute), task ("asr" | "aac" | "st"),
+#   start / end (optional, seconds: a segment of a longer file), duration (optional, seconds, informative),
+#   lang (source language; asr, st), tgt_lang (st), transcript (asr, st), caption (aac), translation (st).
+# Unknown fields are kept and ignored.
+TASKS = ("asr", "aac", "st")
+TASK_FIELDS = {"asr": ("transcript",), "aac": ("caption",), "st": ("lang", "tgt_lang", "transcript", "translation")}
+TARGET_FIELD = {"asr": "transcript", "aac": "caption", "st": "translation"}
+STRING_FIELDS = ("id", "audio", "task", "lang", "tgt_lang", "transcript", "caption", "translation")
+NUMBER_FIELDS = ("start", "end", "duration")
 
-def read_manifest(path: str | Path, require: Sequence[str] = ("audio",)) -> list[dict]:
-    """Read a JSONL manifest; each entry's `audio` is resolved against the manifest's folder.
 
-    Every line must be a JSON object with the fields in `require` (non-empty strings); a bad line is an
-    error naming the file, the line number and the field.
+class ManifestError(ValueError):
+    """A manifest that cannot be used: the message names the file and line (and the field)."""
+
+
+def read_manifest(path: str | Path, require: Sequence[str] | None = None) -> list[dict]:
+    """Read a JSON-lines manifest: a list of entries (dicts), `audio` resolved to an absolute path.
+
+    require: None checks the full format: id, audio, task, and the fields the task needs (TASK_FIELDS); a
+        tuple names the only fields that must be there (select_layers.py needs just audio and transcript).
+    Whatever the requirement, a field that is present must have its type (strings non-empty, times finite
+    numbers with 0 <= start < end), a task must be one of TASKS, and ids must be unique. A bad line is a
+    ManifestError "file:line: field 'x' ..."; blank lines are skipped.
     """
-    import json
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    entries = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    entries, seen = [], {}
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            entry = _parse_line(raw, path, n, require)
+            if entry is None:
                 continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(entry, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(entry).__name__}")
-            for field in require:
-                if not isinstance(entry.get(field), str) or not entry[field].strip():
-                    raise ValueError(f"{path}:{n}: field {field!r} is missing or empty")
+            if "id" in entry:
+                if entry["id"] in seen:
+                    raise ManifestError(f"{path}:{n}: id {entry['id']!r} already used on line {seen[entry['id']]}")
+                seen[entry["id"]] = n
             if "audio" in entry:
-                entry["audio"] = str((path.parent / entry["audio"]).resolve())
+                entry["audio"] = os.path.abspath(path.parent / entry["audio"])  # no resolve(): keep symlinks
             entries.append(entry)
     if not entries:
-        raise ValueError(f"{path}: the manifest has no entries")
+        raise ManifestError(f"{path}: the manifest has no entries")
     return entries
 
 
+def _parse_line(raw: bytes, path: Path, n: int, require: Sequence[str] | None) -> dict | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                            f"manifests are UTF-8 JSON lines") from None
+    if not line.strip():
+        return None
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{path}:{n}: expected a JSON object, got {type(entry).__name__}")
+    where = f"{path}:{n}: field"
+    for field in STRING_FIELDS:
+        if field in entry:
+            value = entry[field]
+            if not isinstance(value, str):
+                raise ManifestError(f"{where} {field!r} must be a string, got {type(value).__name__} {value!r}")
+            if not value.strip():
+                raise ManifestError(f"{where} {field!r} is empty")
+    for field in NUMBER_FIELDS:
+        if field in entry:
+            value = entry[field]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ManifestError(f"{where} {field!r} must be a non-negative number of seconds, got {value!r}")
+    if "start" in entry and "end" in entry and entry["start"] >= entry["end"]:
+        raise ManifestError(f"{where}s 'start' ({entry['start']}) and 'end' ({entry['end']}): start must come first")
+    if "task" in entry and entry["task"] not in TASKS:
+        raise ManifestError(f"{where} 'task' must be one of {', '.join(TASKS)}, got {entry['task']!r}")
+    needed = require if require is not None else ("id", "audio", "task") + TASK_FIELDS.get(entry.get("task"), ())
+    for field in needed:
+        if field not in entry:
+            raise ManifestError(f"{where} {field!r} is missing"
+                                + (f" (a {entry['task']!r} entry needs {', '.join(TASK_FIELDS[entry['task']])})"
+                                   if require is None and field in TASK_FIELDS.get(entry.get("task"), ()) else ""))
+    return entry
+
+
+def task_key(entry: dict) -> str:
+    """The entry's key in model.INSTRUCTIONS: "asr", "aac" or "st_{lang}_{tgt_lang}" (e.g. "st_en_zh")."""
+    return f"st_{entry['lang']}_{entry['tgt_lang']}" if entry["task"] == "st" else entry["task"]
+
+
+def target_text(entry: dict) -> str:
+    """What the model should write: the transcript (asr), the caption (aac) or the translation (st)."""
+    return entry[TARGET_FIELD[entry["task"]]]
+
+
+def write_manifest(entries: Iterable[dict], path: str | Path) -> int:
+    """Write entries as JSON lines, atomically: a temporary file in the same folder, renamed when complete,
+    so an interrupted run never leaves a partial manifest. Returns the number of lines written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for entry in entries:
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return n
+
+
+# ---- batches for training and evaluation --------------------------------------------------------------------
+@dataclass
+class Batch:
+    """A batch of utterances for the speech LLM. Call .to(device) before use: it moves the waveforms and computes
+    both encoders' features there (on a GPU that takes well under a millisecond for 8 x 30 s, where a CPU
+    worker spends ~11 ms per 30 s clip, and the waveform is smaller than the features it becomes).
+
+    ids, tasks (instruction keys), instructions, targets, transcripts (None where an entry has none): B each
+    wavs          (B, N) float32   16 kHz waveforms, zero-padded to the longest
+    padding_mask  (B, N) bool      True = padding (BEATs reduces it to its tokens)
+    mel           (B, n_mels, n_frames) float32  Whisper's log-mel, after .to()
+    fbank         (B, T, 128) float32  BEATs' fbank over the padded batch, T = 1 + (N - 400) // 160, after .to()
+    skipped       ids of unreadable entries left out of this batch (only with skip_bad; each was warned about)
+    """
+    ids: list[str]
+    tasks: list[str]
+    instructions: list[str]
+    targets: list[str]
+    transcripts: list[str | None]
+    wavs: torch.Tensor
+    padding_mask: torch.Tensor
+    n_mels: int = 80
+    n_frames: int = N_FRAMES
+    mel: torch.Tensor | None = None
+    fbank: torch.Tensor | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> "Batch":
+        """The batch on `device`, with mel and fbank computed there if they are not yet."""
+        wavs = self.wavs.to(device, non_blocking=non_blocking)
+        mask = self.padding_mask.to(device, non_blocking=non_blocking)
+        mel = (self.mel.to(device, non_blocking=non_blocking) if self.mel is not None
+               else log_mel_spectrogram(wavs, self.n_mels, padding_mask=mask, n_frames=self.n_frames))
+        fbank = self.fbank.to(device, non_blocking=non_blocking) if self.fbank is not None else beats_fbank(wavs)
+        return replace(self, wavs=wavs, padding_mask=mask, mel=mel, fbank=fbank)
+
+    def pin_memory(self) -> "Batch":  # DataLoader(pin_memory=True) calls this on custom batch types
+        return replace(self, wavs=self.wavs.pin_memory(), padding_mask=self.padding_mask.pin_memory())
+
+
+def collate(items: Sequence[dict | None], n_mels: int = 80, n_frames: int = N_FRAMES) -> Batch:
+    """SpeechDataset items -> Batch (waveforms zero-padded, features left to Batch.to). None items (entries
+    skipped as unreadable) are left out and listed in batch.skipped."""
+    kept = [it for it in items if it is not None and "wav" in it]
+    if not kept:
+        raise AudioError(f"every entry of this batch was unreadable: {[it['id'] for it in items if it]}")
+    wavs, padding_mask = pad_batch([it["wav"] for it in kept])
+    return Batch(ids=[it["id"] for it in kept], tasks=[it["task"] for it in kept],
+                 instructions=[it["instruction"] for it in kept], targets=[it["target"] for it in kept],
+                 transcripts=[it["transcript"] for it in kept], wavs=wavs, padding_mask=padding_mask,
+                 n_mels=n_mels, n_frames=n_frames, skipped=[it["id"] for it in items if it and "wav" not in it])
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """The entries of one or several manifests, one index space: manifest 0's entries first, then manifest 1's...
+
+    weights: how many times each manifest's utterances are seen per epoch of StreamSampler's stream (1 each by
+        default; 2 = twice; 0.5 = a seeded half, a different half each epoch). This is how stage 1 mixes ASR
+        with captioning.
+    seed: the stream's order and the instruction drawn for each stream position.
+    instructions: {task key: [instruction, ...]}, model.INSTRUCTIONS by default; training draws one per item
+        from (seed, stream position), evaluation (an int index) takes the first.
+    max_samples: clips are cut to this many 16 kHz samples (30 s); n_mels, n_frames: Whisper's input.
+    skip_bad: an unreadable audio file is skipped with a warning (missing ones already here, corrupt ones when
+        read); otherwise it is an error naming the file and entry. Missing files are looked for here, before any
+        model is loaded (check_files=False skips the look).
+
+    Item i (evaluation) or (i, position) (training, from StreamSampler) is a dict with id, task (the key),
+    instruction, target, transcript and wav (N,) float32 at 16 kHz; or, for a skipped entry, just its id.
+    The entries are kept as one byte buffer of JSON lines, not a list of dicts: forked DataLoader workers read
+    a list of a million dicts and touch every refcount, which copies the whole list into each worker.
+    """
+
+    def __init__(self, manifests: str | Path | Sequence[str | Path], weights: Sequence[float] | None = None, *,
+                 seed: int = 0, instructions: dict[str, Sequence[str]] | None = None,
+                 max_samples: int | None = N_SAMPLES, n_mels: int = 80, n_frames: int = N_FRAMES,
+                 skip_bad: bool = False, check_files: bool = True):
+        manifests = [manifests] if isinstance(manifests, (str, Path)) else list(manifests)
+        weights = [1.0] * len(manifests) if weights is None else [float(w) for w in weights]
+        if not manifests or len(weights) != len(manifests):
+            raise ValueError(f"SpeechDataset: {len(manifests)} manifests but {len(weights)} weights")
+        if any(not math.isfinite(w) or w < 0 for w in weights) or not any(w > 0 for w in weights):
+            raise ValueError(f"SpeechDataset: weights must be >= 0 and not all 0, got {weights}")
+        if instructions is None:
+            from model import INSTRUCTIONS as instructions
+        self.instructions = {k: list(v) for k, v in instructions.items()}
+        self.seed, self.weights, self.skip_bad = int(seed), weights, skip_bad
+        self.max_samples, self.n_mels, self.n_frames = max_samples, n_mels, n_frames
+        lines, self.sizes = [], []
+        for path in manifests:
+            entries = read_manifest(path)
+            for e in entries:
+                if task_key(e) not in self.instructions:
+                    raise ManifestError(f"{path}: entry {e['id']!r} has task {task_key(e)!r}, which has no "
+                                        f"instructions (known: {', '.join(self.instructions)})")
+            if check_files:
+                entries = self._check_files(entries, path)
+            lines += [json.dumps(e, ensure_ascii=False).encode() for e in entries]
+            self.sizes.append(len(entries))
+        self.manifests = [str(m) for m in manifests]
+        self._offsets = np.cumsum([0] + [len(b) for b in lines])  # (n + 1,) int64
+        self._blob = np.frombuffer(b"".join(lines), dtype=np.uint8)
+
+    def _check_files(self, entries: list[dict], manifest) -> list[dict]:
+        with ThreadPoolExecutor(16) as pool:  # stat() waits on the disk (or the network), not the CPU
+            found = list(pool.map(os.path.isfile, [e["audio"] for e in entries]))
+        missing = [e for e, ok in zip(entries, found) if not ok]
+        if missing:
+            listed = "; ".join(f"{e['id']}: {e['audio']}" for e in missing[:5])
+            message = f"{manifest}: {len(missing)} of {len(entries)} audio files are missing ({listed}...)"
+            if not self.skip_bad:
+                raise FileNotFoundError(message)
+            warnings.warn(message + "; skipping them", stacklevel=3)
+        return [e for e, ok in zip(entries, found) if ok]
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def entry(self, i: int) -> dict:
+        return json.loads(self._blob[self._offsets[i]: self._offsets[i + 1]].tobytes())
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, position = (key, None) if isinstance(key, (int, np.integer)) else key
+        e = self.entry(int(i))
+        choices = self.instructions[task_key(e)]
+        pick = 0 if position is None else int(np.random.default_rng([self.seed, position]).integers(len(choices)))
+        try:
+            wav = load_audio(e["audio"], e.get("start"), e.get("end"), max_samples=self.max_samples, warn_cut=False)
+        except (OSError, AudioError) as err:
+            message = f"entry {e['id']!r}: {err}"
+            if not self.skip_bad:
+                raise AudioError(message) from None
+            warnings.warn(message + "; skipping it", stacklevel=2)
+            return {"id": e["id"]}
+        return {"id": e["id"], "task": task_key(e), "instruction": choices[pick], "target": target_text(e),
+                "transcript": e.get("transcript"), "wav": wav}
+
+    def collate(self, items: Sequence[dict]) -> Batch:
+        return collate(items, self.n_mels, self.n_frames)
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """Training micro-batches for one rank, deterministic for a seed, resumable at any optimizer step.
+
+    The stream is the concatenation of epochs; an epoch is a seeded permutation of the dataset's mixture (each
+    manifest's utterances, each repeated by its weight), so with all weights 1 every utterance is seen exactly
+    once per epoch, and a batch may span the boundary between two epochs. With global batch G, micro-batch B,
+    world size W and A = G / (B * W) accumulation steps, optimizer step s gives rank r the micro-batches
+    k = r*A + m, m = 0..A-1, micro-batch k being the stream positions [s*G + k*B, s*G + (k+1)*B).
+    Each micro-batch is a list of B (dataset index, stream position) pairs; it depends only on (seed, mixture,
+    G, s, k), so a run resumed at step s (start_step=s, or load_state_dict) gets exactly the micro-batches an
+    uninterrupted run would, even on a different number of GPUs with the same G.
+
+    Iterates steps start_step, start_step + 1, ... for ever, or up to num_steps (exclusive) if given.
+    Use: DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate, num_workers=N).
+    """
+
+    def __init__(self, dataset: SpeechDataset, global_batch: int = 32, micro_batch: int = 8, rank: int = 0,
+                 world_size: int = 1, start_step: int = 0, num_steps: int | None = None):
+        for name, v in (("global_batch", global_batch), ("micro_batch", micro_batch), ("world_size", world_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"StreamSampler: {name} must be a positive integer, got {v!r}")
+        if global_batch % (micro_batch * world_size):
+            raise ValueError(f"StreamSampler: global_batch {global_batch} is not a multiple of micro_batch "
+                             f"{micro_batch} x world_size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"StreamSampler: rank {rank} is not in [0, {world_size})")
+        self.sizes, self.weights, self.seed = list(dataset.sizes), list(dataset.weights), dataset.seed
+        self.global_batch, self.micro_batch, self.rank, self.world_size = global_batch, micro_batch, rank, world_size
+        self.accumulation = global_batch // (micro_batch * world_size)
+        self.start_step, self.num_steps = start_step, num_steps
+        self.offsets = np.cumsum([0] + self.sizes)
+        self.epoch_size = sum(math.floor(w) * n + round((w - math.floor(w)) * n)
+                              for n, w in zip(self.sizes, self.weights))
+        if self.epoch_size == 0:
+            raise ValueError(f"StreamSampler: the mixture is empty (sizes {self.sizes}, weights {self.weights})")
+        self._epoch = (None, None)  # (epoch number, its order): one epoch's permutation kept at a time
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """(epoch_size,) int64 dataset indices: epoch `epoch` of the stream."""
+        if self._epoch[0] != epoch:
+            parts = []
+            for m, (n, w) in enumerate(zip(self.sizes, self.weights)):
+                whole, frac = math.floor(w), w - math.floor(w)
+                part = [np.tile(np.arange(n), whole)]
+                if round(frac * n):  # a fractional weight: a seeded subset, a different one each epoch
+                    part.append(np.random.default_rng([self.seed, epoch, m]).permutation(n)[: round(frac * n)])
+                parts.append(self.offsets[m] + np.concatenate(part))
+            mixture = np.concatenate(parts)
+            self._epoch = (epoch, np.random.default_rng([self.seed, epoch]).permutation(mixture))
+        return self._epoch[1]
+
+    def micro_batch_at(self, step: int, k: int) -> list[tuple[int, int]]:
+        """Micro-batch k (0 <= k < W*A) of optimizer step `step`: B (dataset index, stream position) pairs."""
+        first = step * self.global_batch + k * self.micro_batch
+        batch = []
+        for position in range(first, first + self.micro_batch):
+            epoch, offset = divmod(position, self.epoch_size)
+            batch.append((int(self.epoch_order(epoch)[offset]), position))
+        return batch
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.epoch_size / self.global_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while self.num_steps is None or step < self.num_steps:
+            for m in range(self.accumulation):
+                yield self.micro_batch_at(step, self.rank * self.accumulation + m)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.num_steps is None:
+            raise TypeError("StreamSampler without num_steps is endless")
+        return max(0, self.num_steps - self.start_step) * self.accumulation
+
+    def state_dict(self, step: int) -> dict:
+        """What to save in a checkpoint taken before optimizer step `step`; load_state_dict resumes there."""
+        return {"step": step, "seed": self.seed, "global_batch": self.global_batch, "sizes": self.sizes,
+                "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at state["step"]; the stream (seed, G, manifests' sizes, weights) must be the saved one."""
+        mine = self.state_dict(state["step"])
+        changed = [k for k in mine if k != "step" and state.get(k) != mine[k]]
+        if changed:
+            raise ValueError("cannot resume this data stream: " + ", ".join(
+                f"{k} was {state.get(k)!r}, now {mine[k]!r}" for k in changed))
+        self.start_step = state["step"]
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation batches for one rank: a contiguous shard of the indices 0..n-1 (rank r of W gets
+    [r*n//W, (r+1)*n//W)), in order, in batches of batch_size (the last may be smaller). Nothing is padded
+    or repeated, unlike DistributedSampler: every entry is evaluated exactly once over all ranks."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"ShardSampler: batch_size {batch_size}, rank {rank}, world_size {world_size}")
+        self.indices = range(rank * n // world_size, (rank + 1) * n // world_size)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(0, len(self.indices), self.batch_size):
+            yield list(self.indices[i: i + self.batch_size])
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+
 def load_batch(paths: Sequence[str | Path], n_mels: int = 80, device: str | torch.device = "cpu"):
-    """Audio files -> the inputs of both encoders, as SALMONN's collater makes them.
+    """Audio files -> the inputs of both encoders, as SALMONN's collater makes them (layer selection uses it).
 
     Returns mel (B, n_mels, 3000), fbank (B, T, 128) over the zero-padded batch, and the waveform-level
     padding mask (B, N_max), True = padding, which BEATs reduces to its tokens.
