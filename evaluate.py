@@ -84,7 +84,6 @@ import data
 import sinkhorn
 
 HYPS, METRICS, RUN = "hyps.jsonl", "metrics.json", "run.json"
-TASKS = ("asr", "aac", "st")
 
 BLEU_TOKENIZE = {"zh": "zh", "ja": "ja-mecab"}  # languages written without spaces between words
 # space-delimited languages, sacrebleu's default 13a: CoVoST 2's 21 X->En and 15 En->X languages but
@@ -164,11 +163,9 @@ def alignment_degree(rows: Sequence[dict], layers: Sequence[int]) -> dict:
 # tasks and manifests
 # ----------------------------------------------------------------------------------------------------
 
-TARGET_FIELD = {"asr": "transcript", "aac": "caption", "st": "translation"}
-
-
-def parse_task(key: str) -> tuple[str, str | None, str | None]:
-    """An instruction key -> (task, source language, target language): 'st_en_zh' -> ('st', 'en', 'zh')."""
+def parse_task(key: str) -> tuple[str, str | None, str]:
+    """An instruction key -> (task, source language, target language): 'st_en_zh' -> ('st', 'en', 'zh').
+    ASR's and captioning's text is English here (LibriSpeech, GigaSpeech, AudioCaps, Clotho, WavCaps)."""
     if key in ("asr", "aac"):
         return key, ("en" if key == "asr" else None), "en"
     m = re.fullmatch(r"st_([a-z]{2,3})_([a-z]{2,3})", key)
@@ -177,41 +174,15 @@ def parse_task(key: str) -> tuple[str, str | None, str | None]:
     return "st", m.group(1), m.group(2)
 
 
-def _task_key(entry: dict) -> str | None:
-    task = entry.get("task")
-    if task == "st":
-        return f"st_{entry.get('lang')}_{entry.get('tgt_lang')}"
-    return task
-
-
-def _target(entry: dict, task: str) -> str | None:
-    return entry.get(TARGET_FIELD[task])
-
-
-def check_entries(entries: Sequence[dict], manifest, task_key: str | None, *, need_transcript: bool = False,
-                  need_audio: bool = True) -> None:
-    """Every entry fits the run: its task is `task_key` (when both name one) and its reference is present
-    (task_key given), its transcript is present when needed, its audio file exists, its id is unique.
-    Errors name the manifest, the entry and the field."""
-    task = parse_task(task_key)[0] if task_key else None
-    seen = set()
+def check_entries(entries: Sequence[dict], manifest, task_key: str | None, need_transcript: bool = False) -> None:
+    """Entries of data.read_manifest (ids unique, each task's fields present) fit the run: their task is
+    `task_key` (if given) and they have a transcript where one is needed. Errors name the manifest and entry."""
     for n, e in enumerate(entries, 1):
-        where = f"{manifest}: entry {n} (id {e.get('id')!r})"
-        if not isinstance(e.get("id"), str) or not e["id"]:
-            raise ValueError(f"{manifest}: entry {n} has no 'id'")
-        if e["id"] in seen:
-            raise ValueError(f"{where}: the id is used twice")
-        seen.add(e["id"])
-        key = _task_key(e)
-        if task_key and key is not None and key != task_key:
-            raise ValueError(f"{where}: task {key!r}, but --task is {task_key!r}")
-        needed = ([(TARGET_FIELD[task], f"the reference of {task_key}")] if task else []) + \
-            ([("transcript", "the source text")] if need_transcript else [])
-        for field, what in needed:
-            if not isinstance(e.get(field), str) or not e[field].strip():
-                raise ValueError(f"{where}: field {field!r} ({what}) is missing or empty")
-        if need_audio and not Path(e["audio"]).is_file():
-            raise FileNotFoundError(f"{where}: audio file not found: {e['audio']}")
+        where = f"{manifest}: entry {n} (id {e['id']!r})"
+        if task_key is not None and data.task_key(e) != task_key:
+            raise ValueError(f"{where}: task {data.task_key(e)!r}, but --task is {task_key!r}")
+        if need_transcript and "transcript" not in e:
+            raise ValueError(f"{where}: no 'transcript' (the text pass and --text-input need one)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -264,27 +235,22 @@ def ot_distances(model, speech: torch.Tensor, transcripts: Sequence[str], instru
     return w, ok
 
 
-def features(paths: Sequence[str], whisper_cfg, device):
-    """Audio files -> (mel (B, n_mels, n_frames), fbank (B, T, 128), waveform padding mask (B, N))."""
-    wavs, padding_mask = data.pad_batch([data.load_audio(p) for p in paths])
-    wavs, padding_mask = wavs.to(device), padding_mask.to(device)
-    mel = data.log_mel_spectrogram(wavs, n_mels=whisper_cfg.num_mel_bins, padding_mask=padding_mask,
-                                   n_frames=whisper_cfg.n_frames)
-    return mel, data.beats_fbank(wavs), padding_mask
+def encode(model, batch, device) -> torch.Tensor:
+    """A data.Batch -> the bridge's output (B, 88, H) on `device` (Batch.to computes the features there)."""
+    batch = batch.to(device)
+    return model.encode_speech(batch.mel, batch.fbank, batch.padding_mask)
 
 
-def decode_batch(model, entries: Sequence[dict], task_key: str, instruction: str, *, text_input: bool = False,
-                 align_layers: Sequence[int] = (), device="cpu", **decoding) -> list[dict]:
-    """One batch of manifest entries -> the rows of hyps.jsonl."""
-    task = parse_task(task_key)[0]
+def decode_batch(model, entries: Sequence[dict], instruction: str, batch=None, *, align_layers: Sequence[int] = (),
+                 device="cpu", **decoding) -> list[dict]:
+    """One batch of manifest entries -> the rows of hyps.jsonl. batch: their data.Batch (audio), or None to
+    translate their transcripts (zero-shot MT)."""
     instructions = [instruction] * len(entries)
     transcripts = [e.get("transcript") for e in entries]
-    speech = None
-    if not text_input:
-        speech = model.encode_speech(*features([e["audio"] for e in entries], model.config.whisper, device))
-    texts, n_tokens = generate(model, instructions, speech=speech, transcripts=transcripts if text_input else None,
+    speech = encode(model, batch, device) if batch is not None else None
+    texts, n_tokens = generate(model, instructions, speech=speech, transcripts=transcripts if batch is None else None,
                                **decoding)
-    rows = [dict(id=e["id"], hypothesis=h, reference=_target(e, task), source=e.get("transcript"), n_tokens=n)
+    rows = [dict(id=e["id"], hypothesis=h, reference=data.target_text(e), source=e.get("transcript"), n_tokens=n)
             for e, h, n in zip(entries, texts, n_tokens)]
     if align_layers:
         w, ok = ot_distances(model, speech, transcripts, instructions, align_layers)
@@ -314,37 +280,38 @@ def read_hyps(path: Path) -> tuple[list[dict], int]:
     return rows, end
 
 
-def check_resume(out: Path, settings: dict, entries: Sequence[dict], task_key: str) -> list[dict]:
+def check_resume(out: Path, settings: dict, entries: Sequence[dict]) -> list[dict]:
     """The rows already decoded in `out`, after checking they come from a run with the same settings and
     the same references. A fresh folder gives []."""
     rows, _ = read_hyps(out / HYPS)
     run_file = out / RUN
     if rows and not run_file.is_file():
-        raise ValueError(f"{out / HYPS} exists without {RUN}: not a run of this script; use another --out or --overwrite")
+        raise ValueError(f"{out / HYPS} exists without {RUN}: not a run of this script; "
+                         f"use another --out or --overwrite")
     if rows:   # (a run.json alone, from a run that stopped before its first batch, binds nothing)
         old = json.loads(run_file.read_text())
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             said = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
             raise ValueError(f"{out} holds a run with other settings ({said}); use another --out or --overwrite")
-    task = parse_task(task_key)[0]
     by_id = {e["id"]: e for e in entries}
     for n, r in enumerate(rows, 1):
         e = by_id.get(r.get("id"))
         if e is None:
             raise ValueError(f"{out / HYPS}:{n}: id {r.get('id')!r} is not among the manifest's entries (or beyond "
                              f"--limit); use another --out or --overwrite")
-        if r["reference"] != _target(e, task):
+        if r["reference"] != data.target_text(e):
             raise ValueError(f"{out / HYPS}:{n}: the reference of {r['id']!r} differs from the manifest's; the "
                              f"manifest changed since: use another --out or --overwrite")
     return rows
 
 
-def run_decoding(model, entries: Sequence[dict], out: Path, task_key: str, instruction: str, *,
-                 batch_size: int = 8, text_input: bool = False, align_layers: Sequence[int] = (),
-                 device="cpu", progress: bool = True, **decoding) -> tuple[list[dict], dict]:
+def run_decoding(model, entries: Sequence[dict], out: Path, instruction: str, dataset=None, *,
+                 batch_size: int = 8, workers: int = 0, align_layers: Sequence[int] = (), device="cpu",
+                 progress: bool = True, **decoding) -> tuple[list[dict], dict]:
     """Decode every entry not yet in out/hyps.jsonl, appending a batch at a time; returns all rows in
-    manifest order and this call's throughput."""
+    manifest order and this call's throughput. dataset: a data.SpeechDataset whose first len(entries)
+    items are the entries (audio is read by `workers` DataLoader processes), or None for zero-shot MT."""
     from tqdm import tqdm
 
     path = out / HYPS
@@ -353,16 +320,21 @@ def run_decoding(model, entries: Sequence[dict], out: Path, task_key: str, instr
         with open(path, "r+b") as f:   # a kill mid-write left half a line: cut it
             f.truncate(end)
     done = {r["id"] for r in old}
-    batches = [entries[i:i + batch_size] for i in range(0, len(entries), batch_size)]
+    # always the batches [k*B, (k+1)*B); one with any entry missing is decoded whole again, so that a
+    # resumed run decodes every batch as an unbroken run does
+    todo = [list(range(i, min(i + batch_size, len(entries)))) for i in range(0, len(entries), batch_size)]
+    todo = [b for b in todo if any(entries[i]["id"] not in done for i in b)]
+    if dataset is None:
+        batches = (None for _ in todo)
+    else:
+        batches = torch.utils.data.DataLoader(dataset, batch_sampler=todo, collate_fn=dataset.collate,
+                                              num_workers=workers)
     n_new, t0 = 0, time.perf_counter()
     with open(path, "a", encoding="utf-8") as f, tqdm(total=len(entries), initial=len(done), unit="utt",
-                                                      desc=task_key, disable=not progress) as bar:
-        for batch in batches:
-            if all(e["id"] in done for e in batch):
-                continue
-            # the whole batch again, even if part of it was written: the same batches as an unbroken run
-            rows = decode_batch(model, batch, task_key, instruction, text_input=text_input,
-                                align_layers=align_layers, device=device, **decoding)
+                                                      disable=not progress) as bar:
+        for idx, batch in zip(todo, batches):
+            rows = decode_batch(model, [entries[i] for i in idx], instruction, batch, align_layers=align_layers,
+                                device=device, **decoding)
             new = [r for r in rows if r["id"] not in done]
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
             f.flush()
@@ -398,19 +370,21 @@ def summarize(rows: Sequence[dict], task_key: str, *, max_new_tokens: int, bleu_
 # ----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def modality_means(model, entries: Sequence[dict], batch_size: int = 8, device="cpu", progress: bool = True):
-    """Per entry, the bridge's output averaged over its 88 positions and the transcript's LLM input
+def modality_means(model, dataset, indices: Sequence[int], batch_size: int = 8, workers: int = 0, device="cpu",
+                   progress: bool = True):
+    """Per dataset item, the bridge's output averaged over its 88 positions and the transcript's LLM input
     embeddings averaged over its tokens (Sec. 6.4): two float32 (N, H) tensors on the CPU."""
     from tqdm import tqdm
 
     emb = model.llm.model.embed_tokens
+    batches = [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate,
+                                         num_workers=workers)
     speech, text = [], []
-    for i in tqdm(range(0, len(entries), batch_size), desc="representations", unit="batch", disable=not progress):
-        batch = entries[i:i + batch_size]
-        s = model.encode_speech(*features([e["audio"] for e in batch], model.config.whisper, device))  # (B, 88, H)
-        speech.append(s.float().mean(1).cpu())
-        for e in batch:
-            ids = torch.tensor(model.prompter.text_ids(e["transcript"], "transcript"), device=emb.weight.device)
+    for batch in tqdm(loader, desc="representations", unit="batch", disable=not progress):
+        speech.append(encode(model, batch, device).float().mean(1).cpu())                          # (B, H)
+        for t in batch.transcripts:
+            ids = torch.tensor(model.prompter.text_ids(t, "transcript"), device=emb.weight.device)
             text.append(emb(ids).float().mean(0).cpu())                                              # (H,)
     return torch.cat(speech), torch.stack(text)
 
@@ -566,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--length-penalty", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader processes reading and resampling the audio")
     ap.add_argument("--limit", type=int, help="only the first N entries of the manifest")
     ap.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
     ap.add_argument("--bleu-tokenize", help="sacrebleu tokenizer (default: from the target language)")
@@ -576,52 +551,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-pairs", type=int, default=1000, help="--figure5: speech-text pairs to sample")
     ap.add_argument("--seed", type=int, default=0, help="--figure5: the pairs' sampling and t-SNE")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], help="frozen weights' dtype (default: bf16 on CUDA, else fp32)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"],
+                    help="the frozen weights' dtype (default: bf16 on CUDA, else fp32)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
 
-def resolve_checkpoint(args) -> dict:
-    """The base weights' paths and the recorded configs, all checked without loading any weights.
-
-    Returns dict(llm, whisper, beats, llm_cfg, whisper_cfg) (configs from the checkpoint's speech_llm.json,
-    or from --llm/--whisper's config.json for a SALMONN .pth). A checkpoint trained on another backbone
-    than --llm's is an error naming the differing fields.
-    """
-    from dataclasses import asdict
-
+def resolve_checkpoint(ckpt, args) -> dict:
+    """The base weights' paths (SpeechLLM.resolve: each exists, --llm is the checkpoint's backbone) and the
+    configs the data needs, read without loading any weights: dict(llm, whisper, beats, llm_cfg, whisper_cfg)."""
     from model import LLMConfig, SpeechLLM, WhisperEncoderConfig
 
-    ckpt = Path(args.ckpt)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"--ckpt {ckpt}: no such file or directory")
-    saved = SpeechLLM.saved_config(ckpt) if ckpt.is_dir() else None   # None: a SALMONN .pth
-    sources = (SpeechLLM.checkpoint_info(ckpt).get("sources") or {}) if ckpt.is_dir() else {}
-    paths = {k: getattr(args, k) or sources.get(k) for k in ("llm", "whisper", "beats")}
-    for k in ("llm", "whisper"):
-        if not paths[k]:
-            raise ValueError(f"--{k} is required: {ckpt} records no {k} path")
-        if not Path(paths[k]).exists():
-            raise FileNotFoundError(f"{k} weights not found: {paths[k]}" + ("" if getattr(args, k) else
-                                    f" (recorded in {ckpt}; pass --{k})"))
-    if paths["beats"] == "none":
-        paths["beats"] = None
-    if paths["beats"] and not Path(paths["beats"]).is_file():
-        raise FileNotFoundError(f"BEATs checkpoint not found: {paths['beats']}")
-    llm_cfg = LLMConfig.from_dir(paths["llm"])
-    wdir = Path(paths["whisper"]) if Path(paths["whisper"]).is_dir() else Path(paths["whisper"]).parent
-    whisper_cfg = WhisperEncoderConfig.from_dir(wdir)
-    if saved is not None:
-        for name, have, want in (("LLM", llm_cfg, saved.llm), ("Whisper encoder", whisper_cfg, saved.whisper)):
-            diff = {k: (v, asdict(have)[k]) for k, v in asdict(want).items() if asdict(have).get(k) != v}
-            if diff:
-                said = ", ".join(f"{k}={a} in the checkpoint, {b} given" for k, (a, b) in diff.items())
-                raise ValueError(f"{ckpt} was trained on another {name} than {paths['llm' if name == 'LLM' else 'whisper']}:"
-                                 f" {said}")
-        if (saved.beats is None) != (paths["beats"] is None):
-            raise ValueError(f"{ckpt} was trained {'without' if saved.beats is None else 'with'} BEATs, but BEATs is "
-                             f"{'given: ' + str(paths['beats']) if paths['beats'] else 'not given (--beats)'}")
-    return dict(paths, llm_cfg=llm_cfg, whisper_cfg=whisper_cfg)
+    paths = SpeechLLM.resolve(ckpt, args.llm, args.whisper, args.beats)
+    if Path(ckpt).is_dir():
+        saved = SpeechLLM.saved_config(ckpt)
+        return dict(paths, llm_cfg=saved.llm, whisper_cfg=saved.whisper)
+    whisper = Path(paths["whisper"])   # a SALMONN .pth records no config: the base weights' config.json
+    return dict(paths, llm_cfg=LLMConfig.from_dir(paths["llm"]),
+                whisper_cfg=WhisperEncoderConfig.from_dir(whisper if whisper.is_dir() else whisper.parent))
 
 
 def check_out_dir(out: Path) -> None:
@@ -654,14 +601,10 @@ def _instruction(args) -> str:
     return INSTRUCTIONS[args.task][0]
 
 
-def _read_entries(args, **need) -> list[dict]:
-    entries = data.read_manifest(args.data)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        entries = entries[:args.limit]
-    check_entries(entries, args.data, args.task, **need)
-    return entries
+def _dataset(args, ckpt: dict, instructions=None):
+    """The manifest's audio as a data.SpeechDataset for the checkpoint's Whisper (its files looked for now)."""
+    cfg = ckpt["whisper_cfg"]
+    return data.SpeechDataset(args.data, instructions=instructions, n_mels=cfg.num_mel_bins, n_frames=cfg.n_frames)
 
 
 def prepare(args, ap) -> dict:
@@ -680,9 +623,11 @@ def prepare(args, ap) -> dict:
         ap.error("--out is required with --data")
     if not args.figure5 and not args.task:
         ap.error("--task is required")
-    for name in ("num_beams", "max_new_tokens", "batch_size", "num_pairs"):
-        if getattr(args, name) < 1:
+    for name in ("num_beams", "max_new_tokens", "batch_size", "num_pairs", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.workers < 0:
+        ap.error("--workers must be >= 0")
     if args.greedy:
         args.num_beams = 1
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -691,9 +636,9 @@ def prepare(args, ap) -> dict:
     if args.audio and (args.align_layers or args.out):
         ap.error("--audio prints one result: no --align-layers, no --out")
 
-    prep = dict(ckpt=resolve_checkpoint(args))
+    prep = dict(ckpt=resolve_checkpoint(args.ckpt, args))
     if args.compare:
-        prep["compare"] = resolve_checkpoint(argparse.Namespace(**{**vars(args), "ckpt": args.compare}))
+        prep["compare"] = resolve_checkpoint(args.compare, args)
     if args.task:
         task, _, tgt = parse_task(args.task)
         if args.text_input and task != "st":
@@ -711,21 +656,25 @@ def prepare(args, ap) -> dict:
     if args.align_layers:
         prep["layers"] = parse_layers(args.align_layers, prep["ckpt"]["llm_cfg"].num_hidden_layers)
     if args.audio:
-        prep["features"] = features([args.audio], prep["ckpt"]["whisper_cfg"], "cpu")   # a bad file fails now
+        prep["wav"] = data.load_audio(args.audio)   # a missing or unreadable file fails now
         return prep
+    entries = data.read_manifest(args.data)
     if args.figure5:
-        entries = data.read_manifest(args.data)
+        if args.labels is not None and len(args.labels) != 1 + bool(args.compare):
+            ap.error(f"--labels: {len(args.labels)} labels for {1 + bool(args.compare)} panel(s)")
         check_entries(entries, args.data, None, need_transcript=True)
         if args.num_pairs > len(entries):
             raise ValueError(f"--num-pairs {args.num_pairs}, but {args.data} has {len(entries)} entries")
-        picked = random.Random(args.seed).sample(range(len(entries)), args.num_pairs)
-        prep["entries"] = [entries[i] for i in picked]
-        if args.labels is not None and len(args.labels) != 1 + bool(args.compare):
-            ap.error(f"--labels: {len(args.labels)} labels for {1 + bool(args.compare)} panel(s)")
+        prep["indices"] = sorted(random.Random(args.seed).sample(range(len(entries)), args.num_pairs))
+        prep["ids"] = [entries[i]["id"] for i in prep["indices"]]
+        prep["dataset"] = _dataset(args, prep["ckpt"])
         check_out_dir(Path(args.out))
         return prep
-    prep["entries"] = _read_entries(args, need_transcript=args.text_input or bool(args.align_layers),
-                                    need_audio=not args.text_input)
+    entries = entries[:args.limit]
+    check_entries(entries, args.data, args.task, need_transcript=args.text_input or bool(args.align_layers))
+    prep["entries"] = entries
+    # the audio (the files looked for now), with the one instruction evaluation uses
+    prep["dataset"] = None if args.text_input else _dataset(args, prep["ckpt"], {args.task: [prep["instruction"]]})
     out = Path(args.out)
     if args.overwrite:
         for name in (HYPS, RUN, METRICS):
@@ -737,7 +686,7 @@ def prepare(args, ap) -> dict:
                             length_penalty=args.length_penalty, align_layers=prep.get("layers", []), dtype=args.dtype,
                             **{k: str(Path(v).resolve()) if v else None for k, v in prep["ckpt"].items()
                                if k in ("llm", "whisper", "beats")})
-    prep["done"] = check_resume(out, prep["settings"], prep["entries"], args.task)
+    prep["done"] = check_resume(out, prep["settings"], prep["entries"])
     return prep
 
 
@@ -746,9 +695,9 @@ def main_decode(args, prep) -> dict:
     (out / RUN).write_text(json.dumps(prep["settings"], indent=2, ensure_ascii=False) + "\n")
     model = load_model(args.ckpt, prep["ckpt"], args)
     decoding = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty)
-    rows, speed = run_decoding(model, prep["entries"], out, args.task, prep["instruction"], batch_size=args.batch_size,
-                               text_input=args.text_input, align_layers=prep.get("layers", ()), device=args.device,
-                               progress=not args.no_progress, **decoding)
+    rows, speed = run_decoding(model, prep["entries"], out, prep["instruction"], prep["dataset"],
+                               batch_size=args.batch_size, workers=args.workers, align_layers=prep.get("layers", ()),
+                               device=args.device, progress=not args.no_progress, **decoding)
     metrics = dict(label=args.label or out.resolve().name, task=args.task, text_input=args.text_input,
                    **summarize(rows, args.task, max_new_tokens=args.max_new_tokens, bleu_tokenize=prep.get("tokenize"),
                                wer_norm=args.wer_norm, align_layers=prep.get("layers", ())),
@@ -758,8 +707,10 @@ def main_decode(args, prep) -> dict:
         (out / "hyps.txt").write_text("".join(one_line(r["hypothesis"]) + "\n" for r in rows), encoding="utf-8")
         (out / "refs.txt").write_text("".join(one_line(r["reference"]) + "\n" for r in rows), encoding="utf-8")
     (out / METRICS).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    score = (f"BLEU {metrics['bleu']:.2f} ({metrics['bleu_signature']})  chrF {metrics['chrf']:.2f}" if "bleu" in metrics
-             else f"WER {100 * metrics['wer']:.2f}% ({metrics['wer_normalizer']} normaliser)")
+    if "bleu" in metrics:
+        score = f"BLEU {metrics['bleu']:.2f} ({metrics['bleu_signature']})  chrF {metrics['chrf']:.2f}"
+    else:
+        score = f"WER {100 * metrics['wer']:.2f}% ({metrics['wer_normalizer']} normaliser)"
     print(f"{args.task}{' (text input)' if args.text_input else ''}: {score}; {metrics['num_utterances']} utterances, "
           f"{metrics['empty_hypotheses']} empty, {metrics['hit_length_limit']} at the length limit")
     if "alignment" in metrics:
@@ -777,14 +728,15 @@ def main_figure5(args, prep) -> dict:
     labels = args.labels or [Path(c).name for c, _ in ckpts]
     for label, (ckpt, paths) in zip(labels, ckpts):
         model = load_model(ckpt, paths, args)
-        speech, text = modality_means(model, prep["entries"], args.batch_size, args.device, not args.no_progress)
+        speech, text = modality_means(model, prep["dataset"], prep["indices"], args.batch_size, args.workers,
+                                      args.device, not args.no_progress)
         del model
         s2, t2 = tsne_2d(speech, text, args.seed)
         panels.append(dict(label=label, ckpt=str(ckpt), modality_gap=modality_gap(speech, text),
                            speech_2d=s2, text_2d=t2))
     out = Path(args.out)
     png = plot_figure5(panels, out / "figure5.png")
-    summary = dict(num_pairs=len(prep["entries"]), seed=args.seed, ids=[e["id"] for e in prep["entries"]],
+    summary = dict(num_pairs=len(prep["ids"]), seed=args.seed, ids=prep["ids"],
                    panels=[dict(p, speech_2d=p["speech_2d"].tolist(), text_2d=p["text_2d"].tolist()) for p in panels])
     (out / "figure5.json").write_text(json.dumps(summary, ensure_ascii=False) + "\n")
     for p in panels:
@@ -795,9 +747,12 @@ def main_figure5(args, prep) -> dict:
 
 def main_audio(args, prep) -> str:
     model = load_model(args.ckpt, prep["ckpt"], args)
-    mel, fbank, mask = (t.to(args.device) for t in prep["features"])
-    [text], _ = generate(model, [prep["instruction"]], speech=model.encode_speech(mel, fbank, mask),
-                         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty)
+    cfg = prep["ckpt"]["whisper_cfg"]
+    item = dict(id=args.audio, task=args.task, instruction=prep["instruction"], target="", transcript=None,
+                wav=prep["wav"])
+    speech = encode(model, data.collate([item], cfg.num_mel_bins, cfg.n_frames), args.device)
+    [text], _ = generate(model, [prep["instruction"]], speech=speech, num_beams=args.num_beams,
+                         max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty)
     print(text)
     return text
 

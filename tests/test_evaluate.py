@@ -20,8 +20,10 @@ SETS = {   # (target language, hypotheses, references): empty and whitespace-onl
            ["今天天气很好。", "我们去公园。", "你好", "我们去公园散步吧。", "你好世界！他说好的。", "2024年11月21日。"]),
     "ja": (["こんにちは、世界。", "", " \t ", "カタカナとひらがなと漢字。", "今日は良い天気です", "東京へ行きます。"],
            ["こんにちは世界。", "ありがとう。", "はい", "カタカナとひらがなと漢字です。", "今日はいい天気です。", "東京に行きます。"]),
-    "de": (["Das ist ein Test.", "", "  ", "Hallo Welt, wie geht's?", "Zahlen: 12345 und 3,14.", "Er sagte: \"Nein.\""],
-           ["Das ist ein Test.", "Guten Morgen.", "Ja", "Hallo, Welt! Wie geht es?", "Zahlen: 12345 und 3,14", "Er sagte \"nein\"."]),
+    "de": (["Das ist ein Test.", "", "  ", "Hallo Welt, wie geht's?", "Zahlen: 12345 und 3,14.",
+            "Er sagte: \"Nein.\""],
+           ["Das ist ein Test.", "Guten Morgen.", "Ja", "Hallo, Welt! Wie geht es?", "Zahlen: 12345 und 3,14",
+            "Er sagte \"nein\"."]),
 }
 
 
@@ -43,7 +45,8 @@ def test_bleu_and_chrf_equal_sacrebleus_command_line(lang, tmp_path):
 
 
 def test_bleu_tokenizer_choice():
-    assert [evaluate.bleu_tokenizer(x) for x in ("zh", "ja", "en", "de", "tr")] == ["zh", "ja-mecab", "13a", "13a", "13a"]
+    tokenizers = [evaluate.bleu_tokenizer(x) for x in ("zh", "ja", "en", "de", "tr")]
+    assert tokenizers == ["zh", "ja-mecab", "13a", "13a", "13a"]
     for lang in ("th", "ko", "yue"):
         with pytest.raises(ValueError, match=f"no BLEU tokenizer is known for target language '{lang}'"):
             evaluate.bleu_tokenizer(lang)
@@ -134,9 +137,11 @@ def tiny(tiny_ckpts, tmp_path_factory):
 
 
 def speech_of(tiny, ids):
-    model = tiny["model"]
-    paths = [str(tiny["dir"] / "clips" / f"{i}.flac") for i in ids]
-    return model.encode_speech(*evaluate.features(paths, model.config.whisper, "cpu"))
+    """The bridge's output for clips `ids` batched together, through data.SpeechDataset and collate."""
+    import data
+
+    ds = data.SpeechDataset(tiny["manifest"])
+    return evaluate.encode(tiny["model"], ds.collate([ds[i] for i in ids]), "cpu")
 
 
 def test_generate_equals_speech_llm_generate(tiny):
@@ -190,7 +195,7 @@ def test_zero_shot_prompt_is_the_training_prompt_with_the_transcript_in_the_slot
 def cli(tiny, out, *extra, data=None):
     return evaluate.main(["--ckpt", str(tiny["ckpt"]), "--data", str(data or tiny["manifest"]), "--task", "st_en_zh",
                           "--out", str(out), "--batch-size", "3", "--max-new-tokens", "8", "--device", "cpu",
-                          "--no-progress", *extra])
+                          "--workers", "0", "--no-progress", *extra])
 
 
 def test_decode_end_to_end_with_alignment_degree(tiny, tmp_path):
@@ -287,7 +292,7 @@ def test_figures(tiny, tmp_path):
     with threadpool_limits(1):   # t-SNE's OpenMP threads on a busy 2-core machine: seconds instead of 0.1 s
         s = evaluate.main(["--ckpt", str(tiny["ckpt"]), "--compare", str(tiny["ckpt"]), "--data", str(tiny["manifest"]),
                            "--figure5", "--num-pairs", "6", "--out", str(tmp_path / "f5"), "--labels", "base",
-                           "again", "--device", "cpu", "--no-progress"])
+                           "again", "--device", "cpu", "--workers", "0", "--no-progress"])
     assert [p["label"] for p in s["panels"]] == ["base", "again"] and len(s["panels"][0]["speech_2d"]) == 6
     assert s["panels"][0]["modality_gap"] == s["panels"][1]["modality_gap"] > 0   # same checkpoint twice
     assert (tmp_path / "f5" / "figure5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -331,18 +336,19 @@ def test_bad_input_fails_before_the_model_loads(tiny, tmp_path, monkeypatch, cap
 
     no_ref = [dict(e) for e in good]
     del no_ref[3]["translation"]
-    fails("entry 4 (id 'utt3'): field 'translation' (the reference of st_en_zh) is missing",
+    fails("noref.jsonl:4: field 'translation' is missing (a 'st' entry needs lang, tgt_lang, transcript, translation)",
           data=_write(tmp_path / "noref.jsonl", no_ref))
     other_task = [dict(e) for e in good]
     other_task[1].update(task="asr")
     fails("entry 2 (id 'utt1'): task 'asr', but --task is 'st_en_zh'", data=_write(tmp_path / "task.jsonl", other_task))
     no_audio = [dict(e) for e in good]
     no_audio[5]["audio"] = str(tmp_path / "nowhere.flac")
-    fails("audio file not found", data=_write(tmp_path / "audio.jsonl", no_audio))
+    fails("audio.jsonl: 1 of 7 audio files are missing (utt5: ", data=_write(tmp_path / "audio.jsonl", no_audio))
     fails("unknown task 'translate'", "--task", "translate")
     fails("no BLEU tokenizer is known for target language 'th'", "--task", "st_en_th", "--instruction", "Translate.")
     fails("no instruction for task 'st_en_th'", "--task", "st_en_th", "--bleu-tokenize", "char")
-    fails("--text-input is zero-shot translation: --task must be st_<src>_<tgt>, not 'aac'", "--task", "aac", "--text-input")
+    fails("--text-input is zero-shot translation: --task must be st_<src>_<tgt>, not 'aac'",
+          "--task", "aac", "--text-input")
     fails("layer(s) [7] outside 0..3", "--align-layers", "0,7")
     (tmp_path / "file").write_text("x")
     fails("cannot write there", "--out", str(tmp_path / "file" / "sub"))
@@ -351,7 +357,7 @@ def test_bad_input_fails_before_the_model_loads(tiny, tmp_path, monkeypatch, cap
     shutil.copytree(tiny["ckpts"]["llm"], other)
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(dict(cfg, hidden_size=64)))
-    fails("was trained on another LLM than", "--llm", str(other))
+    fails("was trained on an LLM with hidden_size=32, but", "--llm", str(other))
     # a resumed run with other settings, and a stale reference
     with pytest.raises(AssertionError, match="the model was loaded"):   # all checks passed: run.json written
         cli(tiny, tmp_path / "out", "--greedy")
