@@ -305,6 +305,9 @@ def test_figures(tiny, tmp_path):
     r = evaluate.main(["--figure6", *paths, "--out", str(tmp_path / "f6")])
     assert [p["label"] for p in r["points"]] == ["r0", "r1", "r2"] and r["pearson_r"] < -0.95
     assert (tmp_path / "f6" / "figure6.png").stat().st_size > 1000
+    (tmp_path / "r2" / "metrics.json").write_text(json.dumps({"task": "st_en_zh", "bleu": 41.9}))
+    with pytest.raises(SystemExit, match=r"r2/metrics.json: no alignment degree \(run evaluate.py with --align-layers"):
+        evaluate.main(["--figure6", *paths, "--out", str(tmp_path / "f6")])
 
 
 # ---------------------------------------------------------------- bad input: clear errors before any model loads
@@ -350,6 +353,8 @@ def test_bad_input_fails_before_the_model_loads(tiny, tmp_path, monkeypatch, cap
     fails("--text-input is zero-shot translation: --task must be st_<src>_<tgt>, not 'aac'",
           "--task", "aac", "--text-input")
     fails("layer(s) [7] outside 0..3", "--align-layers", "0,7")
+    with pytest.raises(SystemExit, match="nowhere.mp3"):
+        evaluate.main(["--ckpt", str(tiny["ckpt"]), "--audio", str(tmp_path / "nowhere.mp3"), "--task", "st_en_zh"])
     (tmp_path / "file").write_text("x")
     fails("cannot write there", "--out", str(tmp_path / "file" / "sub"))
     # a checkpoint trained on another backbone: an LLM directory whose config says hidden_size 64
