@@ -199,16 +199,16 @@ def load_audio(path: str | Path, start: float | None = None, end: float | None =
 
 # ---- resampling -------------------------------------------------------------------------------------------
 def resample(wav: torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE) -> torch.Tensor:
-    """Band-limited resampling by a rational factor: (..., N) at orig_sr -> (..., ceil(N * new_sr / orig_sr)).
+    """Band-limited resampling: (..., N) at orig_sr -> (..., ceil(N * new_sr / orig_sr)), float32.
 
-    With up/down = new_sr/orig_sr reduced by their gcd, output sample n = i*up + j lies at input time
-    t = i*down + j*down/up (in input samples), and
-        y[n] = sum_m x[m] * h(t - m),   h(t) = b * sinc(b * t) * kaiser(t),   b = 2 * cutoff / orig_sr,
-    a low-pass at `cutoff` = RESAMPLE_ROLLOFF * min(orig_sr, new_sr) / 2 Hz, a bit below the lower Nyquist
-    frequency so that the transition band ends before anything can alias. The sum is one conv1d with stride
-    `down` whose `up` output channels are the `up` phases j (the polyphase filter bank), interleaved after.
-    Samples outside the signal count as zeros. Equal rates return the input unchanged; otherwise the
-    output is float32 on the input's device.
+    Output sample n is the input at time n * orig_sr / new_sr (in input samples), interpolated by a low-pass
+    Kaiser-windowed sinc with its cutoff at RESAMPLE_ROLLOFF x the lower Nyquist frequency (7560 Hz for a
+    16 kHz output), so that the transition band ends before anything can alias. Samples outside the signal
+    count as zeros. Equal rates return the input unchanged.
+    From rates above 2 x new_sr the signal first goes to 3 x new_sr (48 kHz) through a short filter that only
+    has to keep 0..new_sr/2 and remove what would fold onto it, then down to new_sr through the sharp one: the
+    sharp filter's length grows with the input rate, and at 384 kHz it alone would cost 8x the work at 48 kHz.
+    Works for any pair of integer rates in bounded memory (see _polyphase).
     """
     orig_sr, new_sr = _check_rate(orig_sr), _check_rate(new_sr)
     if not torch.is_floating_point(wav):
@@ -217,19 +217,10 @@ def resample(wav: torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE) -> torc
         return wav
     if wav.shape[-1] == 0:
         raise AudioError("resample got an empty waveform")
-    g = math.gcd(orig_sr, new_sr)
-    up, down = new_sr // g, orig_sr // g
-    kernel, left = _resample_kernel(orig_sr, new_sr, wav.device)  # (up, 1, K), taps before t
-    n_in = wav.shape[-1]
-    n_out = -(-n_in * up // down)  # ceil
-    n_blocks = -(-n_out // up)  # conv outputs per phase
-    k = kernel.shape[-1]
-    x = wav.reshape(-1, 1, n_in).to(torch.float32)  # (B, 1, N)
-    # conv output i reads x_padded[i*down : i*down + K] = x[i*down - left : ...]: pad so every block exists
-    x = F.pad(x, (left, max(0, (n_blocks - 1) * down + k - left - n_in)))
-    y = F.conv1d(x, kernel, stride=down)[..., :n_blocks]  # (B, up, n_blocks): y[b, j, i] = output i*up + j
-    y = y.transpose(1, 2).reshape(x.shape[0], n_blocks * up)[:, :n_out]
-    return y.reshape(*wav.shape[:-1], n_out)
+    x = wav.reshape(-1, wav.shape[-1]).to(torch.float32)  # (B, N)
+    for stage in _resample_stages(orig_sr, new_sr):
+        x = _polyphase(x, *stage)
+    return x.reshape(*wav.shape[:-1], x.shape[-1])
 
 
 def _check_rate(sr) -> int:
@@ -240,36 +231,129 @@ def _check_rate(sr) -> int:
     return sr
 
 
-def _resample_half_width(orig_sr: int, new_sr: int) -> float:
-    """Half-length of the resampling filter, in input samples: RESAMPLE_ZEROS zero crossings of the sinc."""
-    cutoff = RESAMPLE_ROLLOFF * min(orig_sr, new_sr) / 2
-    return RESAMPLE_ZEROS * orig_sr / (2 * cutoff)
+def _resample_stages(orig_sr: int, new_sr: int) -> list[tuple[int, int, float, int]]:
+    """The stages (rate in, rate out, cutoff Hz, zero crossings of the sinc on each side, Kaiser beta)."""
+    sharp = (RESAMPLE_ROLLOFF * min(orig_sr, new_sr) / 2, RESAMPLE_ZEROS, RESAMPLE_BETA)
+    mid = 3 * new_sr
+    if orig_sr <= 2 * new_sr or orig_sr == mid:
+        return [(orig_sr, new_sr, *sharp)]
+    # The first stage must pass 0..new_sr/2 and remove, before they fold onto 0..new_sr/2 at `mid`, the
+    # frequencies from mid - new_sr/2 (and, going up, the images of 0..new_sr/2 at orig_sr - new_sr/2).
+    # The second stage removes everything else above new_sr/2. The first stage's ripple adds to the second's,
+    # so it is made 30 dB better: a Kaiser window with beta 14 (~135 dB) needs about 8.9 / (transition
+    # width / rate) taps, i.e. 8.9 * cutoff / width zero crossings of the sinc; 9.5 with a margin.
+    passband, stopband = new_sr / 2, min(orig_sr, mid) - new_sr / 2
+    cutoff = (passband + stopband) / 2
+    zeros = math.ceil(9.5 * cutoff / (stopband - passband))
+    return [(orig_sr, mid, cutoff, zeros, 14.0), (mid, new_sr, *sharp)]
 
 
 def _resample_margin(orig_sr: int, new_sr: int) -> int:
-    return math.ceil(_resample_half_width(orig_sr, new_sr)) + 1
+    """How far (in input samples) the resampler looks on either side of an output instant, rounded up."""
+    reach = sum(zeros * rate_in / (2 * cutoff) * orig_sr / rate_in  # a stage's half-length, in input samples
+                for rate_in, _, cutoff, zeros, _ in _resample_stages(orig_sr, new_sr))
+    return math.ceil(reach) + 2
 
 
-@lru_cache(maxsize=16)
-def _resample_kernel(orig_sr: int, new_sr: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """The polyphase filter bank, (up, 1, K) float32, and the number of taps that precede the output instant.
+def _polyphase(x: torch.Tensor, orig_sr: int, new_sr: int, cutoff: float, zeros: int, beta: float) -> torch.Tensor:
+    """(B, N) -> (B, ceil(N * new_sr / orig_sr)): one resampling stage as batched matrix products.
 
-    Designed in float64 on the CPU (it is a constant), then moved to the device.
+    With up/down = new_sr/orig_sr reduced, output n sits at input time n*down/up and is
+        y[n] = sum_m x[m] h(n*down/up - m),   h(t) = b sinc(b t) kaiser(t / half),   b = 2 cutoff / orig_sr.
+    Outputs go in blocks of P consecutive ones. Blocks whose first output has the same fractional input time
+    share their weights: block i and block i + Q do, Q = up / gcd(up, P), and lie S = Q*P*down/up input samples
+    apart. So "class" c < Q is one product (its blocks' input windows, (n_q, Kb)) @ (its weights, (Kb, P)):
+    a strided convolution with P output channels, or, for many small classes, a gather and a batched matmul.
+    The weights hold lcm(up, P) x Kb numbers (at most ~9 M), never the up x (K + down) of one filter per
+    phase over a whole period (2 GB at 16001 Hz, 7.4 GB at 11127 Hz).
     """
+    bank, starts, period = _polyphase_bank(orig_sr, new_sr, cutoff, zeros, beta)  # (Q, Kb, P), (Q,), S
+    q_classes, kb, p = bank.shape
+    n_rows, n_in = x.shape
+    g = math.gcd(orig_sr, new_sr)
+    n_out = -(-n_in * (new_sr // g) // (orig_sr // g))
+    n_q = -(-n_out // (q_classes * p))  # blocks per class
+    left = math.ceil(zeros * orig_sr / (2 * cutoff))  # window starts count from `left` samples before the signal
+    bank, starts = bank.to(x.device), starts.to(x.device)  # (a CUDA input moves the bank: <= 36 MB, odd rates)
+    # few classes with many blocks each (Q = 1 at 48, 96, 192, 384 kHz): one strided convolution per class,
+    # which never materialises the windows (3-4x faster than gathering them, measured at 48 kHz); many small
+    # classes (odd rates): gather the windows and multiply, class by class in one batched matmul
+    convolve = q_classes <= 4 and n_q >= 256
+    y = x.new_empty(n_rows, q_classes, n_q, p)
+    # a stretch of blocks at a time, so that what is copied (the stretch of input, the gathered windows) stays
+    # below _CHUNK samples whatever the length of the signal and the batch
+    blocks = max(1, _CHUNK // (n_rows * (period if convolve else q_classes * kb)))
+    for q0 in range(0, n_q, blocks):
+        q1 = min(n_q, q0 + blocks)
+        lo, hi = q0 * period, int(starts[-1]) + (q1 - 1) * period + kb  # the stretch, in samples from -left
+        piece = x[:, max(0, lo - left): max(0, min(n_in, hi - left))]
+        piece = F.pad(piece, (max(0, left - lo), hi - lo - max(0, left - lo) - piece.shape[1]))  # (B, hi - lo)
+        if convolve:
+            for c in range(q_classes):
+                out = F.conv1d(piece[:, None, int(starts[c]):], bank[c].T[:, None, :], stride=period)  # (B, P, .)
+                y[:, c, q0:q1] = out[..., : q1 - q0].transpose(1, 2)
+        else:
+            windows = piece.unfold(-1, kb, 1)  # (B, hi - lo - Kb + 1, Kb): a view, every window of Kb samples
+            first = starts[:, None] + period * torch.arange(q1 - q0, device=x.device)  # (Q, blocks)
+            classes = max(1, _CHUNK // (n_rows * (q1 - q0) * kb))
+            for c in range(0, q_classes, classes):
+                # (B, classes, blocks, Kb) @ (classes, Kb, P) -> (B, classes, blocks, P)
+                y[:, c: c + classes, q0:q1] = windows[:, first[c: c + classes]] @ bank[c: c + classes]
+    return y.transpose(1, 2).reshape(n_rows, n_q * q_classes * p)[:, :n_out]  # output (q*Q + c)*P + j
+
+
+_CHUNK = 1 << 21  # 2 M samples (8 MB) copied at a time
+_BANKS: dict = {}  # (orig_sr, new_sr, cutoff, zeros, beta) -> bank; see _BANK_CACHE
+_BANK_CACHE = 10 << 20  # numbers (40 MB) of banks kept, the newest always; the largest bank is ~9 M (383999 Hz)
+
+
+def _bank_shape(orig_sr: int, new_sr: int, cutoff: float, zeros: int) -> tuple[int, int, int, int]:
+    """(Q classes, Kb taps, P outputs per block, S input stride between a class's blocks) of a stage's bank."""
     g = math.gcd(orig_sr, new_sr)
     up, down = new_sr // g, orig_sr // g
-    bandwidth = RESAMPLE_ROLLOFF * min(orig_sr, new_sr) / orig_sr  # b = 2 * cutoff / orig_sr
-    half = _resample_half_width(orig_sr, new_sr)
+    half = zeros * orig_sr / (2 * cutoff)  # the filter's half-length in input samples
+
+    def width(p):  # Kb: the taps of a block of P outputs, which span (P-1)*down/up input samples
+        return 2 * math.ceil(half) + math.ceil((p - 1) * down / up) + 2
+    # P outputs per block: enough for a good matrix product (<= 64), and a window not mostly zeros for any one
+    # output (P*down/up about twice the filter's length); smaller (>= 8) while the bank would exceed 8 M numbers
+    p = int(min(64, max(8, 2 ** round(math.log2(max(1.0, 4 * half * up / down))))))
+    while p > 8 and up // math.gcd(up, p) * p * width(p) > 8 << 20:
+        p //= 2
+    q_classes = up // math.gcd(up, p)
+    return q_classes, width(p), p, q_classes * p * down // up
+
+
+def _polyphase_bank(orig_sr: int, new_sr: int, cutoff: float, zeros: int,
+                    beta: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The weights of _polyphase, (Q, Kb, P) float32, each class's first window start (Q,) int64 (in samples
+    of the input padded with `left` zeros), and the input stride S between a class's blocks. Designed in
+    float64 on the CPU, a few classes at a time, and cached (at 383999 Hz the bank holds 9 M numbers and takes
+    about a second to design; at common rates, a few thousand and a millisecond)."""
+    key = (orig_sr, new_sr, cutoff, zeros, beta)
+    if key in _BANKS:
+        return _BANKS[key]
+    g = math.gcd(orig_sr, new_sr)
+    up, down = new_sr // g, orig_sr // g
+    b = 2 * cutoff / orig_sr  # the sinc's bandwidth in cycles per input sample
+    half = zeros / b  # the window's half-length in input samples
     left = math.ceil(half)
-    right = math.ceil(half + (up - 1) * down / up)  # the last phase sits (up-1)*down/up samples later
-    taps = torch.arange(-left, right + 1, dtype=torch.float64)  # input offsets r = m - i*down
-    phase = torch.arange(up, dtype=torch.float64) * down / up  # t_j = j*down/up
-    t = phase[:, None] - taps[None, :]  # (up, K): time from each input sample to the output instant
-    beta = torch.tensor(RESAMPLE_BETA, dtype=torch.float64)
-    inside = t.abs() <= half
-    window = torch.special.i0(beta * torch.sqrt((1 - (t / half) ** 2).clamp(min=0))) / torch.special.i0(beta)
-    h = bandwidth * torch.sinc(bandwidth * t) * window * inside
-    return h.to(torch.float32)[:, None, :].to(device), left
+    q_classes, kb, p, period = _bank_shape(orig_sr, new_sr, cutoff, zeros)
+    starts = torch.arange(q_classes, dtype=torch.int64) * p * down // up  # floor(c*P*down/up), padded samples
+    bank = torch.empty(q_classes, kb, p, dtype=torch.float32)
+    i0_beta = torch.special.i0(torch.tensor(beta, dtype=torch.float64))
+    step = max(1, (1 << 17) // (p * kb))  # float64 temporaries of ~128 k numbers (1 MB) at a time
+    for c in range(0, q_classes, step):
+        n = torch.arange(c, min(c + step, q_classes))[:, None] * p + torch.arange(p)  # (classes, P) outputs
+        # time from input sample (start - left + k) to output n, times up: exact in integers
+        t_up = n[:, :, None] * down - (starts[c: c + step, None, None] - left + torch.arange(kb)) * up
+        t = t_up.to(torch.float64) / up  # (classes, P, Kb)
+        window = torch.special.i0(beta * torch.sqrt((1 - (t / half) ** 2).clamp(min=0))) / i0_beta
+        bank[c: c + step] = (b * torch.sinc(b * t) * window * (t.abs() <= half)).transpose(1, 2)
+    _BANKS[key] = entry = (bank, starts, period)
+    while sum(e[0].numel() for e in _BANKS.values()) > _BANK_CACHE and len(_BANKS) > 1:
+        del _BANKS[next(iter(_BANKS))]  # the oldest first (dicts keep insertion order)
+    return entry
 
 
 # ---- batching ---------------------------------------------------------------------------------------------

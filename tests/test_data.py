@@ -105,6 +105,7 @@ def test_write_manifest_is_atomic(tmp_path):
 
 # ---- segments -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ext, sr, kw", [("flac", 16000, {}), ("wav", 44100, {"subtype": "FLOAT"}),
+                                         ("wav", 16001, {"subtype": "FLOAT"}),  # an odd rate: 16000 phases
                                          ("mp3", 48000, {}), ("opus", 48000, {"format": "OGG", "subtype": "OPUS"})])
 def test_segment_equals_slicing_the_whole_file(tmp_path, ext, sr, kw):
     rng = np.random.default_rng(0)
