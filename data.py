@@ -20,10 +20,12 @@ Quirks worth knowing (each one is commented where it happens):
 
 Everything after the file read is torch in float32 on the input's device (CPU or CUDA).
 """
+import csv
 import json
 import math
 import os
 import re
+import sys
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -671,28 +673,28 @@ def _parse_line(raw: bytes, path: Path, n: int, require: Sequence[str] | None) -
     if not isinstance(entry, dict):
         raise ManifestError(f"{path}:{n}: expected a JSON object, got {type(entry).__name__}")
     where = f"{path}:{n}: field"
-    for field in STRING_FIELDS:
-        if field in entry:
-            value = entry[field]
+    for name in STRING_FIELDS:
+        if name in entry:
+            value = entry[name]
             if not isinstance(value, str):
-                raise ManifestError(f"{where} {field!r} must be a string, got {type(value).__name__} {value!r}")
+                raise ManifestError(f"{where} {name!r} must be a string, got {type(value).__name__} {value!r}")
             if not value.strip():
-                raise ManifestError(f"{where} {field!r} is empty")
-    for field in NUMBER_FIELDS:
-        if field in entry:
-            value = entry[field]
+                raise ManifestError(f"{where} {name!r} is empty")
+    for name in NUMBER_FIELDS:
+        if name in entry:
+            value = entry[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ManifestError(f"{where} {field!r} must be a non-negative number of seconds, got {value!r}")
+                raise ManifestError(f"{where} {name!r} must be a non-negative number of seconds, got {value!r}")
     if "start" in entry and "end" in entry and entry["start"] >= entry["end"]:
         raise ManifestError(f"{where}s 'start' ({entry['start']}) and 'end' ({entry['end']}): start must come first")
     if "task" in entry and entry["task"] not in TASKS:
         raise ManifestError(f"{where} 'task' must be one of {', '.join(TASKS)}, got {entry['task']!r}")
     needed = require if require is not None else ("id", "audio", "task") + TASK_FIELDS.get(entry.get("task"), ())
-    for field in needed:
-        if field not in entry:
-            raise ManifestError(f"{where} {field!r} is missing"
+    for name in needed:
+        if name not in entry:
+            raise ManifestError(f"{where} {name!r} is missing"
                                 + (f" (a {entry['task']!r} entry needs {', '.join(TASK_FIELDS[entry['task']])})"
-                                   if require is None and field in TASK_FIELDS.get(entry.get("task"), ()) else ""))
+                                   if require is None and name in TASK_FIELDS.get(entry.get("task"), ()) else ""))
     return entry
 
 
@@ -988,3 +990,380 @@ def load_batch(paths: Sequence[str | Path], n_mels: int = 80, device: str | torc
     wavs, padding_mask = pad_batch([load_audio(p) for p in paths])
     wavs, padding_mask = wavs.to(device), padding_mask.to(device)
     return log_mel_spectrogram(wavs, n_mels=n_mels, padding_mask=padding_mask), beats_fbank(wavs), padding_mask
+
+
+# ---- corpora -> manifests: python data.py prepare CORPUS --root ... --out ... --------------------------------
+# Each reader turns a corpus, as its publisher ships it, into candidate entries (audio as an absolute path) and
+# the items it had to leave out with the reason; _finish then checks every audio file by its header (present,
+# readable, long enough for its segment, not too long), writes the manifest atomically and prints counts, hours
+# and every skipped item.
+# LibriSpeech and GigaSpeech transcripts are upper case; SALMONN's own training annotation gives LibriSpeech in
+# sentence case ("Chapter one missus rachel lynde is surprised ...", bytedance/SALMONN data/example_data.json),
+# so that is the default here (--case lower | upper | sentence); WER is computed after normalisation anyway.
+def _cased(text: str, case: str) -> str:
+    """Whitespace collapsed; "sentence": lower case with a capital at the start and after . ? !"""
+    text = " ".join(text.split())
+    if case == "sentence":
+        return re.sub(r"(^|[.?!] )([a-z])", lambda m: m[1] + m[2].upper(), text.lower())
+    return text.lower() if case == "lower" else text.upper()
+
+
+def _read_table(path: Path, delimiter: str, **kw) -> list[dict]:
+    """A CSV/TSV with a header row -> list of dicts; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"not found: {path}")
+    with open(path, encoding="utf-8", newline="") as f:
+        try:
+            return list(csv.DictReader(f, delimiter=delimiter, **kw))
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise ManifestError(f"{path}: cannot parse ({e})") from None
+
+
+def _require_columns(rows: list[dict], columns: Sequence[str], path: Path) -> None:
+    if rows and not set(columns) <= set(rows[0]):
+        raise ManifestError(f"{path}: expected columns {', '.join(columns)}, found {', '.join(rows[0])}")
+
+
+def _index_files(root: Path, extensions=(".wav", ".flac", ".mp3", ".ogg", ".opus")) -> dict[str, str]:
+    """Every audio file under root by its name (downloaders and unzipped archives nest folders differently)."""
+    found = {}
+    for folder, _, names in os.walk(root, followlinks=True):
+        for name in names:
+            if name.lower().endswith(extensions):
+                found.setdefault(name, os.path.join(folder, name))
+    return found
+
+
+def read_covost2(root: Path, split: str = "train", tgt_lang: str = "zh-CN", clips: Path | None = None,
+                 cv_tsv: Path | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """CoVoST 2 En->X over Common Voice 4 English (paper: En->Zh and En->Ja; 289k / 15.5k / 15.5k).
+
+    root holds either the per-split TSV written by the official split script, covost_v2.en_{tgt}.{split}.tsv
+    (columns path, sentence, translation, client_id), or the released covost_v2.en_{tgt}.tsv (path,
+    translation, split) and then cv_tsv must be Common Voice's validated.tsv (path, sentence, client_id): the
+    two are joined on path as the script does, train taking split "train" and "train_covost". Both are read as
+    the script writes them: tab-separated, no quoting, backslash escapes (facebookresearch/covost
+    get_covost_splits.py). Audio: Common Voice's clips/<path> (mp3, 48 kHz), clips defaulting to root/clips.
+    tgt_lang is CoVoST's code (zh-CN, ja); the manifest's tgt_lang is its language part (zh, ja).
+    """
+    tsv = dict(delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+    per_split = root / f"covost_v2.en_{tgt_lang}.{split}.tsv"
+    if per_split.is_file():
+        rows = _read_table(per_split, **tsv)
+        _require_columns(rows, ("path", "sentence", "translation"), per_split)
+    else:
+        released = root / f"covost_v2.en_{tgt_lang}.tsv"
+        if cv_tsv is None:
+            raise FileNotFoundError(f"neither {per_split} nor --cv-tsv (Common Voice's validated.tsv, to join with "
+                                    f"{released}) was given")
+        rows = _read_table(released, **tsv)
+        _require_columns(rows, ("path", "translation", "split"), released)
+        sentences = {r["path"]: r["sentence"] for r in _read_table(Path(cv_tsv), **tsv)}
+        wanted = {"train", "train_covost"} if split == "train" else {split}
+        rows = [{**r, "sentence": sentences.get(r["path"])} for r in rows if r["split"] in wanted]
+    clips = Path(clips) if clips else root / "clips"
+    entries, skipped = [], []
+    for r in rows:
+        uid = Path(r["path"]).stem
+        if r["sentence"] is None:
+            skipped.append((uid, f"not in {cv_tsv} (the official script's inner join leaves it out too)"))
+            continue
+        if not r["sentence"].strip() or not r["translation"].strip():
+            skipped.append((uid, "empty transcript or translation"))
+            continue
+        entries.append({"id": uid, "audio": str(clips / r["path"]), "task": "st", "lang": "en",
+                        "tgt_lang": tgt_lang.split("-")[0], "transcript": r["sentence"].strip(),
+                        "translation": r["translation"].strip()})
+    return entries, skipped
+
+
+def read_librispeech(root: Path, splits: Sequence[str] = (), case: str = "sentence"):
+    """LibriSpeech: <root>/<split>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt, one "<id> <TEXT>" line per
+    utterance, beside <id>.flac (16 kHz). root is the LibriSpeech/ folder; splits default to every folder in it
+    (train-clean-100, train-clean-360, train-other-500 for the paper's 960 h; test-clean for layer selection)."""
+    splits = list(splits) or sorted(p.name for p in root.iterdir() if p.is_dir())
+    entries, skipped = [], []
+    for split in splits:
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"LibriSpeech split not found: {root / split}")
+        for trans in sorted((root / split).glob("*/*/*.trans.txt")):
+            for line in trans.read_text(encoding="utf-8").splitlines():
+                uid, _, text = line.strip().partition(" ")
+                if not uid:
+                    continue
+                if not text.strip():
+                    skipped.append((uid, f"empty transcript in {trans}"))
+                    continue
+                entries.append({"id": uid, "audio": str(trans.parent / f"{uid}.flac"), "task": "asr", "lang": "en",
+                                "transcript": _cased(text, case)})
+    return entries, skipped
+
+
+GIGASPEECH_PUNCTUATION = {"<COMMA>": ",", "<PERIOD>": ".", "<QUESTIONMARK>": "?", "<EXCLAMATIONPOINT>": "!"}
+GIGASPEECH_GARBAGE = ("<SIL>", "<MUSIC>", "<NOISE>", "<OTHER>")
+
+
+def read_gigaspeech(root: Path, subset: str = "{M}", case: str = "sentence"):
+    """GigaSpeech: root/GigaSpeech.json, {"audios": [{"aid", "path" (e.g. audio/podcast/P0001/POD0000000001.opus,
+    relative to root), "segments": [{"sid", "begin_time", "end_time", "text_tn", "subsets": ["{XL}", "{M}", ...]}]}]}
+    (SpeechColab/GigaSpeech toolkits/kaldi/extract_meta.py reads the same keys). Segments of `subset` ({M} is
+    the paper's 1,000 h; {DEV}, {TEST} the evaluation sets) become entries with start/end in the hour-long
+    opus file. text_tn is upper case with punctuation as tags: the four tags become , . ? ! attached to the
+    word before; a segment with a garbage tag (<SIL> <MUSIC> <NOISE> <OTHER>, which the dev/test annotators put
+    on non-speech; the publisher recommends dropping them) is skipped, as is any other tag."""
+    meta = root / "GigaSpeech.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"not found: {meta}")
+    with open(meta, encoding="utf-8") as f:
+        audios = json.load(f)["audios"]
+    entries, skipped = [], []
+    for audio in audios:
+        for seg in audio.get("segments", []):
+            if subset not in seg.get("subsets", []):
+                continue
+            words = seg.get("text_tn", "").split()
+            garbage = [w for w in words if w in GIGASPEECH_GARBAGE]
+            unknown = [w for w in words if w.startswith("<") and w not in GIGASPEECH_PUNCTUATION and w not in garbage]
+            if garbage or unknown:
+                skipped.append((seg["sid"], f"{'garbage' if garbage else 'unknown'} tag {(garbage or unknown)[0]}"))
+                continue
+            text = " ".join(words)
+            for tag, mark in GIGASPEECH_PUNCTUATION.items():
+                text = text.replace(f" {tag}", mark).replace(tag, mark)
+            if not text.strip(" ,.?!"):
+                skipped.append((seg["sid"], "empty transcript"))
+                continue
+            entries.append({"id": seg["sid"], "audio": str(root / audio["path"]), "start": seg["begin_time"],
+                            "end": seg["end_time"], "task": "asr", "lang": "en", "transcript": _cased(text, case)})
+    return entries, skipped
+
+
+def read_audiocaps(root: Path, split: str = "train", audio_dir: Path | None = None):
+    """AudioCaps: root/{train,val,test}.csv with columns audiocap_id, youtube_id, start_time, caption (one row
+    per caption: val and test have five rows per clip; cdjkim/audiocaps dataset/README.md). The 10-s clips
+    come from YouTube through third-party downloaders, so a clip is looked for under audio_dir (default root)
+    by any of the names they give it: {youtube_id}_{start_time}.<ext> (aac-datasets), Y{youtube_id}.<ext>
+    (AudioSet style, as WavCaps' AudioCaps lists name them), {youtube_id}.<ext>, {audiocap_id}.<ext>."""
+    path = root / f"{split}.csv"
+    rows = _read_table(path, ",")
+    _require_columns(rows, ("audiocap_id", "youtube_id", "start_time", "caption"), path)
+    files = _index_files(Path(audio_dir) if audio_dir else root)
+    entries, skipped = [], []
+    for r in rows:
+        uid, yt, start = r["audiocap_id"], r["youtube_id"], r["start_time"]
+        names = [f"{yt}_{start}", f"Y{yt}", yt, uid]
+        found = next((files[n + e] for n in names for e in (".wav", ".flac", ".mp3", ".ogg", ".opus") if n + e in files),
+                     None)
+        if not r["caption"].strip():
+            skipped.append((uid, "empty caption"))
+        elif found is None:
+            skipped.append((uid, f"missing audio file (looked for {yt}_{start}.*, Y{yt}.*, {yt}.*, {uid}.*)"))
+        else:
+            entries.append({"id": uid, "audio": found, "task": "aac", "caption": " ".join(r["caption"].split())})
+    return entries, skipped
+
+
+def read_clotho(root: Path, split: str = "development"):
+    """Clotho v2: root/clotho_captions_{development,validation,evaluation}.csv with columns file_name,
+    caption_1 .. caption_5 (five captions per file), and the audio of each split extracted from
+    clotho_audio_<split>.7z into root/<split>/<file_name> (44.1 kHz wav; the publisher's Zenodo record and
+    aac-datasets' Clotho loader use these names). One entry per caption, id <file stem>_<k>."""
+    path = root / f"clotho_captions_{split}.csv"
+    rows = _read_table(path, ",")
+    columns = [f"caption_{k}" for k in range(1, 6)]
+    _require_columns(rows, ["file_name"] + columns, path)
+    entries, skipped = [], []
+    for r in rows:
+        stem = Path(r["file_name"]).stem
+        for k, column in enumerate(columns, 1):
+            uid = f"{stem}_{k}"
+            if not (r[column] or "").strip():
+                skipped.append((uid, "empty caption"))
+                continue
+            entries.append({"id": uid, "audio": str(root / split / r["file_name"]), "task": "aac",
+                            "caption": " ".join(r[column].split())})
+    return entries, skipped
+
+
+WAVCAPS_SOURCES = {"AudioSet_SL": "as_final.json", "BBC_Sound_Effects": "bbc_final.json",
+                   "FreeSound": "fsd_final.json", "SoundBible": "sb_final.json"}
+
+
+def read_wavcaps(root: Path, sources: Sequence[str] = (), audio_dir: Path | None = None):
+    """WavCaps: root/json_files/<source>/<name>_final.json, {"num_captions_per_audio": 1, "data": [{"id",
+    "caption", "audio", "duration", ...}]} (an early SoundBible file is a bare list), as the publisher's own
+    loader reads them (XinhaoMei/WavCaps retrieval/data_handling/pretrain_dataset.py); its "audio" is a
+    placeholder. The audio ships as zipped flac (huggingface cvssp/WavCaps) whose folders nest differently
+    once unpacked, so a file is looked for by name under audio_dir (default root): AudioSet_SL's id
+    "Y<yt>.wav" is the file Y<yt>.flac, every other source's id <id> is <id>.flac (aac-datasets' WavCaps
+    loader names them the same way). Clips longer than 180 s are dropped by _finish (the paper's filter)."""
+    files = _index_files(Path(audio_dir) if audio_dir else root, (".flac", ".wav"))
+    entries, skipped = [], []
+    for source in sources or WAVCAPS_SOURCES:
+        if source not in WAVCAPS_SOURCES:
+            raise ValueError(f"unknown WavCaps source {source!r}; known: {', '.join(WAVCAPS_SOURCES)}")
+        path = root / "json_files" / source / WAVCAPS_SOURCES[source]
+        if not path.is_file():
+            raise FileNotFoundError(f"not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+        for item in items["data"] if isinstance(items, dict) else items:
+            name = item["id"].replace(".wav", ".flac") if source == "AudioSet_SL" else f"{item['id']}.flac"
+            uid = f"{source}/{Path(name).stem}"
+            if not (item.get("caption") or "").strip():
+                skipped.append((uid, "empty caption"))
+            elif name not in files:
+                skipped.append((uid, f"missing audio file {name}"))
+            else:
+                entries.append({"id": uid, "audio": files[name], "task": "aac", "caption": " ".join(item["caption"].split())})
+    return entries, skipped
+
+
+def _header(path: str) -> tuple[float, str | None]:
+    """(duration in seconds, None) from the header, or (0, the reason it cannot be used)."""
+    try:
+        frames, sr = audio_info(path)
+        return frames / sr, None
+    except FileNotFoundError:
+        return 0.0, "missing audio file"
+    except AudioError as e:
+        return 0.0, str(e)
+
+
+def _headers(paths: Iterable[str], workers: int = 16) -> dict[str, tuple[float, str | None]]:
+    unique = list(dict.fromkeys(paths))
+    with ThreadPoolExecutor(workers) as pool:  # libsndfile releases the GIL; headers wait on the disk
+        return dict(zip(unique, pool.map(_header, unique)))
+
+
+def _finish(entries: list[dict], skipped: list[tuple[str, str]], out: Path, max_seconds: float | None) -> dict:
+    """Check every entry's audio by its header, write the manifest atomically, print counts, hours, skips."""
+    out = Path(out)
+    headers = _headers(e["audio"] for e in entries)
+    kept, seen = [], set()
+    for e in entries:
+        duration, problem = headers[e["audio"]]
+        if problem is None and "end" in e and e["end"] > duration + SEGMENT_END_SLACK:
+            problem = f"segment ends at {e['end']} s, after the end of {e['audio']} ({duration:.2f} s)"
+        length = (e.get("end", duration) - e.get("start", 0.0)) if problem is None else 0.0
+        if problem is None and max_seconds is not None and length > max_seconds:
+            problem = f"too long: {length:.1f} s > {max_seconds:g} s"
+        if problem is None and e["id"] in seen:
+            problem = "duplicate id"
+        if problem:
+            skipped.append((e["id"], problem))
+            continue
+        seen.add(e["id"])
+        e["duration"] = round(length, 3)
+        kept.append(e)
+    base = out.parent.resolve()
+    for e in kept:  # paths under the manifest's folder are written relative to it, so the folder can move
+        rel = os.path.relpath(e["audio"], base)
+        e["audio"] = e["audio"] if rel.startswith("..") else rel
+    for uid, reason in skipped:
+        print(f"skipped {uid}: {reason}")
+    if not kept:
+        raise ManifestError(f"nothing to write to {out}: all {len(skipped)} items were skipped")
+    write_manifest(kept, out)
+    hours = sum(e["duration"] for e in kept) / 3600
+    print(f"wrote {out}: {len(kept)} entries, {hours:.2f} h; skipped {len(skipped)}")
+    return {"entries": len(kept), "hours": hours, "skipped": len(skipped)}
+
+
+# ---- python data.py check MANIFEST ------------------------------------------------------------------------------
+def check_manifest(path: str | Path, workers: int = 16) -> dict:
+    """Every line parsed, every audio file read by its header, every segment inside its file. Prints the lines
+    that would fail (file:line: reason), then counts and hours per task; returns them with "failed"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    failures, parsed, seen = [], [], {}
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                entry = _parse_line(raw, path, n, None)
+            except ManifestError as e:
+                failures.append(str(e))
+                continue
+            if entry is None:
+                continue
+            if entry["id"] in seen:
+                failures.append(f"{path}:{n}: id {entry['id']!r} already used on line {seen[entry['id']]}")
+                continue
+            seen[entry["id"]] = n
+            entry["audio"] = os.path.abspath(path.parent / entry["audio"])
+            parsed.append((n, entry))
+    headers = _headers((e["audio"] for _, e in parsed), workers)
+    hours, counts = {}, {}
+    for n, e in parsed:
+        duration, problem = headers[e["audio"]]
+        if problem is None and (e.get("end", 0.0) > duration + SEGMENT_END_SLACK or e.get("start", 0.0) >= duration):
+            problem = f"segment [{e.get('start', 0)}, {e.get('end')}) s is not inside the file ({duration:.2f} s)"
+        if problem:
+            failures.append(f"{path}:{n}: {e['audio']}: {problem}")
+            continue
+        key = task_key(e)
+        length = min(e.get("end", duration), duration) - e.get("start", 0.0)
+        hours[key] = hours.get(key, 0.0) + length / 3600
+        counts[key] = counts.get(key, 0) + 1
+    for line in failures:
+        print(line)
+    for key in sorted(counts):
+        print(f"{key}: {counts[key]} entries, {hours[key]:.2f} h")
+    print(f"{path}: {sum(counts.values())} good entries, {len(failures)} failing lines")
+    return {"counts": counts, "hours": hours, "failed": failures}
+
+
+PREPARE = {"covost2": read_covost2, "librispeech": read_librispeech, "gigaspeech": read_gigaspeech,
+           "audiocaps": read_audiocaps, "clotho": read_clotho, "wavcaps": read_wavcaps}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="turn a corpus, as published, into a manifest")
+    prep.add_argument("corpus", choices=sorted(PREPARE))
+    prep.add_argument("--root", type=Path, required=True, help="the corpus's folder (see each reader's docstring)")
+    prep.add_argument("--out", type=Path, required=True, help="the manifest to write (.jsonl)")
+    prep.add_argument("--split", help="covost2: train|dev|test (train); audiocaps: train|val|test (train); "
+                                      "clotho: development|validation|evaluation (development)")
+    prep.add_argument("--splits", help="librispeech: comma-separated split folders (default: all)")
+    prep.add_argument("--tgt-lang", default="zh-CN", help="covost2: CoVoST's target code, zh-CN or ja (zh-CN)")
+    prep.add_argument("--clips", type=Path, help="covost2: Common Voice's clips/ folder (default ROOT/clips)")
+    prep.add_argument("--cv-tsv", type=Path, help="covost2: Common Voice's validated.tsv, with the released TSV")
+    prep.add_argument("--subset", default="{M}", help="gigaspeech: {XS} {S} {M} {L} {XL} {DEV} {TEST} ({M})")
+    prep.add_argument("--sources", help="wavcaps: comma-separated, of " + ", ".join(WAVCAPS_SOURCES) + " (all)")
+    prep.add_argument("--audio-dir", type=Path, help="audiocaps, wavcaps: where the audio files are (ROOT)")
+    prep.add_argument("--case", choices=("sentence", "lower", "upper"), default="sentence",
+                      help="librispeech, gigaspeech: transcript casing (sentence, as SALMONN's annotation)")
+    prep.add_argument("--max-seconds", type=float, help="drop longer clips (wavcaps: 180, the paper's filter)")
+    chk = sub.add_parser("check", help="check manifests: every line, every audio header, hours per task")
+    chk.add_argument("manifests", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "check":
+        return int(any(check_manifest(m)["failed"] for m in args.manifests))
+    if not args.root.is_dir():
+        parser.error(f"--root {args.root} is not a folder")
+    if args.out.exists() and args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder; give the manifest's file name")
+    c = args.corpus
+    kwargs = {"covost2": dict(split=args.split or "train", tgt_lang=args.tgt_lang, clips=args.clips, cv_tsv=args.cv_tsv),
+              "librispeech": dict(splits=args.splits.split(",") if args.splits else (), case=args.case),
+              "gigaspeech": dict(subset=args.subset, case=args.case),
+              "audiocaps": dict(split=args.split or "train", audio_dir=args.audio_dir),
+              "clotho": dict(split=args.split or "development"),
+              "wavcaps": dict(sources=args.sources.split(",") if args.sources else (), audio_dir=args.audio_dir)}[c]
+    max_seconds = args.max_seconds if args.max_seconds is not None else (180.0 if c == "wavcaps" else None)
+    try:
+        entries, skipped = PREPARE[c](args.root, **kwargs)
+        _finish(entries, skipped, args.out, max_seconds)
+    except (OSError, ValueError) as e:
+        print(f"data.py prepare {c}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
