@@ -731,8 +731,9 @@ def write_manifest(entries: Iterable[dict], path: str | Path) -> int:
 @dataclass
 class Batch:
     """A batch of utterances for the speech LLM. Call .to(device) before use: it moves the waveforms and computes
-    both encoders' features there (on a GPU that takes well under a millisecond for 8 x 30 s, where a CPU
-    worker spends ~11 ms per 30 s clip, and the waveform is smaller than the features it becomes).
+    both encoders' features there: a few batched FFTs and matrix products on a GPU, where a CPU worker spends
+    16-22 ms per 30 s clip on them (as much as on reading it; benchmarks/bench_data.py), and the waveform sent
+    is smaller than the features it becomes (1.9 MB against 2.5 MB per 30 s).
 
     ids, tasks (instruction keys), instructions, targets, transcripts (None where an entry has none): B each
     wavs          (B, N) float32   16 kHz waveforms, zero-padded to the longest
