@@ -282,7 +282,60 @@ CLI_CASES = [
     Case("cli-instruction-empty", lambda env: env.cli(instruction=" "), SystemExit, r"--instruction"),
 ]
 
-CASES = SINKHORN_CASES + CLI_CASES
+# ---------------------------------------------------------------- model.py: checkpoints and base weights
+
+def _llm_int32(env):
+    """The tiny LLM with one weight stored as int32 values (a broken conversion)."""
+    from safetensors.torch import load_file, save_file
+    d = env.tmp / "int_llm"
+    shutil.copytree(env.paths["llm"], d)
+    f = next(d.glob("*.safetensors"))
+    sd = load_file(f)
+    sd["model.norm.weight"] = sd["model.norm.weight"].to(torch.int32)
+    save_file(sd, f)
+    return model.LLM.from_pretrained(d)
+
+
+def _without_loading(fn):
+    """fn() with every weight loader a tripwire: the error must come from the checks before loading."""
+    with pytest.MonkeyPatch.context() as mp:
+        for cls in (model.LLM, model.WhisperEncoder, model.BEATs):
+            mp.setattr(cls, "from_pretrained", _tripwire)
+        mp.setattr(model, "read_file", _tripwire)
+        return fn()
+
+
+MODEL_CASES = [
+    Case("llm-int32-weights", _llm_int32, model.CheckpointError,
+         r"model\.safetensors: key model\.norm\.weight holds torch\.int32 values"),
+    Case("llm-folder-without-config", lambda env: model.LLM.from_pretrained(env.write("w/x", "").parent),
+         model.CheckpointError, r"w/config\.json: not found"),
+    Case("llm-config-not-json", lambda env: model.LLM.from_pretrained(env.write("c/config.json", "{oops").parent),
+         model.CheckpointError, r"c/config\.json: not valid JSON"),
+    Case("llm-unsupported-architecture", lambda env: model.LLM.from_pretrained(env.write("g/config.json", json.dumps(
+        {"architectures": ["GPT2LMHeadModel"]})).parent), model.CheckpointError, r"config\.json: unsupported architecture"),
+    Case("tokenizer-missing", lambda env: model.load_tokenizer(env.tmp), model.CheckpointError,
+         r"no tokenizer\.model .*or tokenizer\.json"),
+    Case("whisper-path-missing", lambda env: model.WhisperEncoder.from_pretrained(env.tmp / "no_whisper"),
+         model.CheckpointError, r"no_whisper: no such file or directory"),
+    Case("beats-is-a-text-file", lambda env: model.BEATs.from_pretrained(env.write("beats.pt", "not a checkpoint")),
+         model.CheckpointError, r"beats\.pt: not a torch checkpoint"),
+    Case("beats-is-a-state-dict", lambda env: model.BEATs.from_pretrained(
+        (torch.save({"w": torch.ones(1)}, env.tmp / "sd.pt"), env.tmp / "sd.pt")[1]),
+         model.CheckpointError, r"sd\.pt: not an official BEATs checkpoint.*found keys w"),
+    Case("trainable-ckpt-missing", lambda env: model.SpeechLLM.resolve(env.tmp / "nope"), model.CheckpointError,
+         r"nope: no such checkpoint"),
+    Case("ckpt-of-another-backbone", lambda env: _without_loading(lambda: model.SpeechLLM.from_pretrained(
+        _llm_with_layers(env, 5), env.paths["whisper"], env.paths["beats"], ckpt=env.ckpt)),
+         model.CheckpointError, r"stage1 was trained on an LLM with num_hidden_layers=3, but .*other_llm has "
+                                r"num_hidden_layers=5"),
+    Case("ckpt-recorded-whisper-gone", lambda env: _without_loading(lambda: model.SpeechLLM.from_checkpoint(
+        env.ckpt_with(whisper=env.tmp / "gone"))), model.CheckpointError, r"gone: no such file .*recorded in"),
+    Case("salmonn-ckpt-without-base-weights", lambda env: model.SpeechLLM.resolve(env.write("s.pth", b"x")),
+         model.CheckpointError, r"the llm weights are needed: pass --llm"),
+]
+
+CASES = SINKHORN_CASES + CLI_CASES + MODEL_CASES
 
 
 def test_case_ids_are_unique():
