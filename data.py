@@ -16,7 +16,12 @@ Quirks worth knowing (each one is commented where it happens):
 - Kaldi frames with snip_edges=True: only whole 25 ms frames, the first starting at sample 0. In a padded
   batch BEATs computes frames over the padded zeros too; its encoder masks them later.
 - SALMONN assumes 16 kHz input; CoVoST2's clips are 48 kHz mp3, so everything is resampled here with a
-  Kaiser-windowed sinc (polyphase, rational ratio) written out below.
+  Kaiser-windowed sinc (polyphase, exact rational ratio; from above 32 kHz in two stages, via 48 kHz).
+- A segment (start, end) is read from its file with the resampling filter's reach on each side, starting on
+  a frame that maps onto the file's 16 kHz grid, so it equals the whole file's waveform sliced.
+- Training features are computed in Batch.to(device), on the GPU, not in DataLoader workers.
+- SpeechDataset keeps its entries as one byte buffer of JSON lines: forked workers reading a list of a million
+  dicts would touch every refcount and so copy the whole list, once per worker.
 
 Everything after the file read is torch in float32 on the input's device (CPU or CUDA).
 """
@@ -233,7 +238,7 @@ def _check_rate(sr) -> int:
     return sr
 
 
-def _resample_stages(orig_sr: int, new_sr: int) -> list[tuple[int, int, float, int]]:
+def _resample_stages(orig_sr: int, new_sr: int) -> list[tuple[int, int, float, int, float]]:
     """The stages (rate in, rate out, cutoff Hz, zero crossings of the sinc on each side, Kaiser beta)."""
     sharp = (RESAMPLE_ROLLOFF * min(orig_sr, new_sr) / 2, RESAMPLE_ZEROS, RESAMPLE_BETA)
     mid = 3 * new_sr
@@ -814,6 +819,8 @@ class SpeechDataset(torch.utils.data.Dataset):
             raise ValueError(f"SpeechDataset: {len(manifests)} manifests but {len(weights)} weights")
         if any(not math.isfinite(w) or w < 0 for w in weights) or not any(w > 0 for w in weights):
             raise ValueError(f"SpeechDataset: weights must be >= 0 and not all 0, got {weights}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"SpeechDataset: seed must be a non-negative integer, got {seed!r}")
         if instructions is None:
             from model import INSTRUCTIONS as instructions
         self.instructions = {k: list(v) for k, v in instructions.items()}
