@@ -1238,12 +1238,15 @@ def _header(path: str) -> tuple[float, str | None]:
         return 0.0, str(e)
 
 
+_PARALLEL_HEADERS = 2000  # fewer files than this are read in this process (starting workers costs ~0.1 s)
+
+
 def _headers(paths: Iterable[str], workers: int | None = None) -> dict[str, tuple[float, str | None]]:
     """_header of every distinct path, in worker processes for many (opening a file with soundfile is ~100 us
     of mostly Python, so threads would wait on each other's GIL)."""
     unique = list(dict.fromkeys(paths))
     workers = workers or os.cpu_count() or 1
-    if len(unique) < 2000 or workers == 1:
+    if len(unique) < _PARALLEL_HEADERS or workers == 1:
         return {p: _header(p) for p in unique}
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(workers) as pool:
@@ -1308,7 +1311,7 @@ def check_manifest(path: str | Path, workers: int | None = None) -> dict:
             entry["audio"] = os.path.abspath(path.parent / entry["audio"])
             parsed.append((n, entry))
     headers = _headers((e["audio"] for _, e in parsed), workers)
-    hours, counts = {}, {}
+    hours, counts, long = {}, {}, 0
     for n, e in parsed:
         duration, problem = headers[e["audio"]]
         if problem is None and (e.get("end", 0.0) > duration + SEGMENT_END_SLACK or e.get("start", 0.0) >= duration):
@@ -1320,12 +1323,15 @@ def check_manifest(path: str | Path, workers: int | None = None) -> dict:
         length = min(e.get("end", duration), duration) - e.get("start", 0.0)
         hours[key] = hours.get(key, 0.0) + length / 3600
         counts[key] = counts.get(key, 0) + 1
+        long += length > CHUNK_LENGTH
     for line in failures:
         print(line)
     for key in sorted(counts):
         print(f"{key}: {counts[key]} entries, {hours[key]:.2f} h")
+    if long:
+        print(f"{long} entries are longer than {CHUNK_LENGTH} s: training and evaluation keep their first {CHUNK_LENGTH} s")
     print(f"{path}: {sum(counts.values())} good entries, {len(failures)} failing lines")
-    return {"counts": counts, "hours": hours, "failed": failures}
+    return {"counts": counts, "hours": hours, "failed": failures, "longer_than_30s": long}
 
 
 PREPARE = {"covost2": read_covost2, "librispeech": read_librispeech, "gigaspeech": read_gigaspeech,

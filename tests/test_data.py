@@ -284,9 +284,11 @@ def test_unreadable_files_fail_clearly_or_are_skipped(corpus, tmp_path):
     bad = tmp_path / "clips" / "3.flac"
     bad.write_bytes(b"fLaC" + bytes(300))                          # a corrupt file in the middle of the manifest
     ds = data.SpeechDataset(corpus[0], instructions=INSTRUCTIONS)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ds.collate, num_workers=1)
+    batches = iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ds.collate, num_workers=1))
     with pytest.raises(data.AudioError, match=re.escape(f"entry 'u3': cannot decode audio file {bad}")):
-        list(loader)
+        next(batches)
+    # torch's iterator, garbage-collected after a worker's error, waits 5 s for the worker; shut it down now
+    batches._shutdown_workers()
     skipping = data.SpeechDataset(corpus[0], instructions=INSTRUCTIONS, skip_bad=True)
     with pytest.warns(UserWarning, match=re.escape(f"entry 'u3': cannot decode audio file {bad}")):
         batches = list(torch.utils.data.DataLoader(skipping, batch_size=4, collate_fn=skipping.collate))
@@ -518,3 +520,15 @@ def test_check_reports_every_failing_line(tmp_path, capsys):
     assert "asr: 1 entries, 0.00 h" in printed and "aac: 1 entries" in printed and "2 good entries, 4 failing" in printed
     write_jsonl(m, [rows[0], rows[5]])
     assert data.main(["check", str(m)]) == 0
+
+
+def test_headers_in_worker_processes_equal_serial(tmp_path, monkeypatch):
+    write_clip(tmp_path / "a.flac", 1.5)
+    write_clip(tmp_path / "b.wav", 0.5, sr=44100)
+    (tmp_path / "c.flac").write_bytes(b"fLaC" + bytes(100))
+    paths = [str(tmp_path / n) for n in ("a.flac", "b.wav", "c.flac", "missing.flac", "a.flac")]
+    serial = data._headers(paths)
+    monkeypatch.setattr(data, "_PARALLEL_HEADERS", 0)
+    assert data._headers(paths, workers=2) == serial
+    assert serial[paths[0]] == (1.5, None) and serial[paths[3]] == (0.0, "missing audio file")
+    assert "cannot decode audio file" in serial[paths[2]][1]
