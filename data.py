@@ -288,8 +288,12 @@ def _polyphase(x: torch.Tensor, orig_sr: int, new_sr: int, cutoff: float, zeros:
     convolve = q_classes <= 4 and n_q >= 256
     y = x.new_empty(n_rows, q_classes, n_q, p)
     # a stretch of blocks at a time, so that what is copied (the stretch of input, the gathered windows) stays
-    # below _CHUNK samples whatever the length of the signal and the batch
+    # below _CHUNK samples whatever the length of the signal and the batch; but at least 8 blocks per class
+    # (over the batch) when gathering, or each class's product is a vector times a matrix (1.4x slower at
+    # 383999 Hz; the stretch is then up to 4 x `down` samples, 6 MB at worst)
     blocks = max(1, _CHUNK // (n_rows * (period if convolve else q_classes * kb)))
+    if not convolve:
+        blocks = max(blocks, min(n_q, -(-4 // n_rows)))
     for q0 in range(0, n_q, blocks):
         q1 = min(n_q, q0 + blocks)
         lo, hi = q0 * period, int(starts[-1]) + (q1 - 1) * period + kb  # the stretch, in samples from -left
@@ -309,9 +313,9 @@ def _polyphase(x: torch.Tensor, orig_sr: int, new_sr: int, cutoff: float, zeros:
     return y.transpose(1, 2).reshape(n_rows, n_q * q_classes * p)[:, :n_out]  # output (q*Q + c)*P + j
 
 
-_CHUNK = 1 << 21  # 2 M samples (8 MB) copied at a time
+_CHUNK = 1 << 20  # 1 M samples (4 MB) copied at a time
 _BANKS: dict = {}  # (orig_sr, new_sr, cutoff, zeros, beta) -> bank; see _BANK_CACHE
-_BANK_CACHE = 10 << 20  # numbers (40 MB) of banks kept, the newest always; the largest bank is ~9 M (383999 Hz)
+_BANK_CACHE = 10 << 20  # numbers (40 MB) of banks held at once, the one being designed included (largest: 9 M)
 
 
 def _bank_shape(orig_sr: int, new_sr: int, cutoff: float, zeros: int) -> tuple[int, int, int, int]:
@@ -340,16 +344,18 @@ def _polyphase_bank(orig_sr: int, new_sr: int, cutoff: float, zeros: int,
     key = (orig_sr, new_sr, cutoff, zeros, beta)
     if key in _BANKS:
         return _BANKS[key]
+    q_classes, kb, p, period = _bank_shape(orig_sr, new_sr, cutoff, zeros)
+    while _BANKS and sum(e[0].numel() for e in _BANKS.values()) + q_classes * kb * p > _BANK_CACHE:
+        del _BANKS[next(iter(_BANKS))]  # make room first, the oldest first (dicts keep insertion order)
     g = math.gcd(orig_sr, new_sr)
     up, down = new_sr // g, orig_sr // g
     b = 2 * cutoff / orig_sr  # the sinc's bandwidth in cycles per input sample
     half = zeros / b  # the window's half-length in input samples
     left = math.ceil(half)
-    q_classes, kb, p, period = _bank_shape(orig_sr, new_sr, cutoff, zeros)
     starts = torch.arange(q_classes, dtype=torch.int64) * p * down // up  # floor(c*P*down/up), padded samples
     bank = torch.empty(q_classes, kb, p, dtype=torch.float32)
     i0_beta = torch.special.i0(torch.tensor(beta, dtype=torch.float64))
-    step = max(1, (1 << 17) // (p * kb))  # float64 temporaries of ~128 k numbers (1 MB) at a time
+    step = max(1, (1 << 16) // (p * kb))  # float64 temporaries of ~64 k numbers (0.5 MB) at a time
     for c in range(0, q_classes, step):
         n = torch.arange(c, min(c + step, q_classes))[:, None] * p + torch.arange(p)  # (classes, P) outputs
         # time from input sample (start - left + k) to output n, times up: exact in integers
@@ -358,8 +364,6 @@ def _polyphase_bank(orig_sr: int, new_sr: int, cutoff: float, zeros: int,
         window = torch.special.i0(beta * torch.sqrt((1 - (t / half) ** 2).clamp(min=0))) / i0_beta
         bank[c: c + step] = (b * torch.sinc(b * t) * window * (t.abs() <= half)).transpose(1, 2)
     _BANKS[key] = entry = (bank, starts, period)
-    while sum(e[0].numel() for e in _BANKS.values()) > _BANK_CACHE and len(_BANKS) > 1:
-        del _BANKS[next(iter(_BANKS))]  # the oldest first (dicts keep insertion order)
     return entry
 
 

@@ -301,6 +301,17 @@ def test_resample_rejects_tones_above_8khz(orig_sr, freq):
     assert attenuation_db <= -100.0
 
 
+def test_resample_bank_cache_stays_within_its_budget(monkeypatch):
+    x = torch.from_numpy(SIGNALS["speech-like 7 s"])[:SR]
+    monkeypatch.setattr(data, "_BANKS", {})
+    monkeypatch.setattr(data, "_BANK_CACHE", 50_000)  # numbers; the banks below hold 10 k to 38 k each
+    for sr in (44100, 8000, 32000, 24000, 44100):
+        y = data.resample(x, sr, SR)
+        assert sum(bank.numel() for bank, _, _ in data._BANKS.values()) <= 50_000
+        torch.testing.assert_close(y, data.resample(x, sr, SR), rtol=0, atol=0)  # the same with the bank cached
+    assert len(data._BANKS) == 2  # 44.1 kHz's two stages (7.5 k + 38 k) evicted everything else
+
+
 def test_resample_bank_is_bounded_at_every_rate():
     """The weights of every stage stay below 9.5 M numbers (38 MB) for rates from 1 kHz to 384 kHz (a sweep of
     the bank's shape, which is integer arithmetic; designing them all would take hours)."""
