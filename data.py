@@ -1011,7 +1011,8 @@ def load_batch(paths: Sequence[str | Path], n_mels: int = 80, device: str | torc
 # and every skipped item.
 # LibriSpeech and GigaSpeech transcripts are upper case; SALMONN's own training annotation gives LibriSpeech in
 # sentence case ("Chapter one missus rachel lynde is surprised ...", bytedance/SALMONN data/example_data.json),
-# so that is the default here (--case lower | upper | sentence); WER is computed after normalisation anyway.
+# so that is the default here (--case lower | upper | sentence); SLAM-LLM's asr_librispeech README shows cased,
+# punctuated targets, which the corpus does not have. WER is computed after normalisation anyway.
 def _cased(text: str, case: str) -> str:
     """Whitespace collapsed; "sentence": lower case with a capital at the start and after . ? !"""
     text = " ".join(text.split())
