@@ -811,6 +811,8 @@ class WhisperEncoder(nn.Module):
         WhisperEncoderConfig or a preset name, is given). Keys under `model.encoder.`
         (WhisperForConditionalGeneration) or `encoder.` (WhisperModel) are loaded; the rest is ignored."""
         path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file or directory (a Whisper checkpoint folder or weights file)")
         if isinstance(config, str):
             config = WhisperEncoderConfig.from_name(config)
         if config is None:
@@ -1299,6 +1301,8 @@ class SpeechLLM(nn.Module):
         if saved is not None:
             arch = {k: getattr(saved, k) if v is None else v for k, v in arch.items()}
         arch = {k: v for k, v in arch.items() if v is not None}
+        if saved is not None:   # another backbone's checkpoint: refuse it before reading gigabytes of weights
+            cls.resolve(ckpt, llm_dir, whisper_path, beats_path or "none")
         llm = LLM.from_pretrained(llm_dir, dtype=dtype, device=device)
         speech_encoder = WhisperEncoder.from_pretrained(whisper_path, dtype=dtype, device=device)
         beats = BEATs.from_pretrained(beats_path, dtype=dtype, device=device) if beats_path else None
