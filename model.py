@@ -355,8 +355,14 @@ class KVCache:
         self.pos, self._step = self.pos + self._step, 0
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Beam search: row i of the cache becomes row index[i]."""
-        self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        """Beam search: row i of the cache becomes row index[i]. Only the positions written so far are copied,
+        into a second buffer allocated once; the two then swap (not a new whole cache every step)."""
+        if not hasattr(self, "_spare"):
+            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+        k2, v2 = self._spare
+        torch.index_select(self.k[:, :, :, :self.pos], 1, index, out=k2[:, :, :, :self.pos])
+        torch.index_select(self.v[:, :, :, :self.pos], 1, index, out=v2[:, :, :, :self.pos])
+        self._spare, self.k, self.v = (self.k, self.v), k2, v2
         self.key_mask = self.key_mask.index_select(0, index)
 
 
@@ -1346,12 +1352,20 @@ class SpeechLLM(nn.Module):
             if p is not None and not Path(p).exists():
                 raise CheckpointError(f"{p}: no such file or directory (the {k} weights"
                                       + (f" recorded in {ckpt})" if ckpt else ")"))
-        if saved is not None:
+        if saved is not None:   # the trainable weights fit only the encoders and LLM they were trained on
             have = LLMConfig.from_dir(paths["llm"])
             for f in ("hidden_size", "num_hidden_layers", "vocab_size"):
                 if getattr(have, f) != getattr(saved.llm, f):
                     raise CheckpointError(f"{ckpt} was trained on an LLM with {f}={getattr(saved.llm, f)}, but "
                                           f"{paths['llm']} has {f}={getattr(have, f)}: another backbone")
+            if (saved.beats is None) != (paths["beats"] is None):
+                raise CheckpointError(f"{ckpt} was trained {'without' if saved.beats is None else 'with'} BEATs, "
+                                      f"but beats is {paths['beats'] or 'none'}")
+            w = Path(paths["whisper"])
+            if (w if w.is_dir() else w.parent).joinpath("config.json").is_file():
+                f = (w if w.is_dir() else w.parent) / "config.json"
+                if WhisperEncoderConfig.from_hf_config(read_json(f), str(f)) != saved.whisper:
+                    raise CheckpointError(f"{ckpt} was trained on another Whisper encoder than {f} describes")
         return paths
 
     @classmethod

@@ -331,6 +331,12 @@ MODEL_CASES = [
                                 r"num_hidden_layers=5"),
     Case("ckpt-recorded-whisper-gone", lambda env: _without_loading(lambda: model.SpeechLLM.from_checkpoint(
         env.ckpt_with(whisper=env.tmp / "gone"))), model.CheckpointError, r"gone: no such file .*recorded in"),
+    Case("ckpt-with-beats-given-none", lambda env: model.SpeechLLM.resolve(env.ckpt, beats="none"),
+         model.CheckpointError, r"stage1 was trained with BEATs, but beats is none"),
+    Case("ckpt-of-another-whisper", lambda env: model.SpeechLLM.resolve(env.ckpt, whisper=env.write(
+        "w2/config.json", json.dumps(dict(json.loads((env.paths["whisper"] / "config.json").read_text()),
+                                          d_model=32))).parent),
+         model.CheckpointError, r"stage1 was trained on another Whisper encoder than .*w2/config\.json"),
     Case("salmonn-ckpt-without-base-weights", lambda env: model.SpeechLLM.resolve(env.write("s.pth", b"x")),
          model.CheckpointError, r"the llm weights are needed: pass --llm"),
 ]
