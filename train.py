@@ -62,9 +62,9 @@ from model import LLMConfig, SpeechLLM, WhisperEncoderConfig, load_tokenizer
 
 STAGES = {
     # stage 1: ASR + AAC, CE only; 80k steps, 9k warm-up, no validation in the paper
-    "pretrain": dict(steps=80_000, warmup=9_000, eval_every=3_000, patience=0, align="none", tasks=("asr", "aac")),
+    "pretrain": dict(steps=80_000, warmup=9_000, eval_every=3_000, patience=0, align="none"),
     # stage 3: ST; 3k warm-up, validate every 3k steps, stop after 4 validations without a new best accuracy
-    "joint": dict(steps=90_000, warmup=3_000, eval_every=3_000, patience=4, align="ot", tasks=("st",)),
+    "joint": dict(steps=90_000, warmup=3_000, eval_every=3_000, patience=4, align="ot"),
 }
 ALPHA = 0.99                 # Eq. (6): 1 - α = 0.01, "the OT loss weight" of §5.2
 LR, WARMUP_LR, MIN_LR = 3e-5, 1e-6, 1e-5
@@ -684,7 +684,7 @@ def activation_bytes_per_token(cfg, lora_targets: int, act_bytes: int) -> int:
 
 def expected_memory(model, micro_batch: int, seq_len: int, target_len: int, act_bytes: int,
                     ctc_head: nn.Linear | None = None) -> dict[str, float]:
-    """GB expected on one device: frozen weights, trainable weights with gradients and AdamW moments
+    """GiB expected on one device: frozen weights, trainable weights with gradients and AdamW moments
     (16 B per parameter), the speech pass's saved activations, the CE's fp32 logits (and CTC's)."""
     cfg = model.config.llm
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
@@ -698,7 +698,7 @@ def expected_memory(model, micro_batch: int, seq_len: int, target_len: int, act_
     if ctc_head is not None:
         mem["trainable + grads + AdamW"] += 16 * ctc_head.weight.numel()
         mem["CTC logits"] = micro_batch * n_speech * ctc_head.out_features * 4 * 3
-    mem = {k: v / 1e9 for k, v in mem.items()}
+    mem = {k: v / 2**30 for k, v in mem.items()}
     mem["total"] = sum(mem.values())
     return mem
 
@@ -762,7 +762,7 @@ def plot_losses(metrics: list[dict], path: Path) -> Path:
     train_rows = [r for r in metrics if "loss" in r]
     valid_rows = [r for r in metrics if "valid_loss" in r]
     fig, ax = plt.subplots(figsize=(8, 4))
-    skip = {"step", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_mem_gb"}
+    skip = {"step", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_mem_gib"}
     for key in [k for k in (train_rows[0] if train_rows else {}) if k not in skip]:
         ax.plot([r["step"] for r in train_rows], [r[key] for r in train_rows], lw=1, label=key)
     if valid_rows:
@@ -781,11 +781,11 @@ def plot_losses(metrics: list[dict], path: Path) -> Path:
     return path
 
 
-def peak_memory_gb(device: torch.device) -> float:
+def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
+        return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6     # the process's peak RSS (KiB on Linux)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # the process's peak RSS (KiB on Linux)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -889,7 +889,7 @@ def train(args, ctx: Context) -> dict:
         mem = expected_memory(model, args.micro_batch, seq, tgt, act, ctc_head)
         print(parameter_report(model, ctc_head))
         print(f"expected memory per device at micro-batch {args.micro_batch} (<= {seq} positions, {tgt} target "
-              f"tokens): " + ", ".join(f"{k} {v:.2f} GB" for k, v in mem.items()))
+              f"tokens): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()))
         print(f"stage {args.stage}, align {args.align}" + (f" at layers {args.layers}, alpha {args.alpha}" if args.layers else "")
               + f"; {len(args.train_data)} utterances, {args.train_data.sizes} per manifest; global batch "
               f"{args.global_batch} = {args.micro_batch} x {args.accumulation} accumulation x {ctx.world} process(es); "
@@ -910,7 +910,7 @@ def train(args, ctx: Context) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", sps=f"{speed['samples_per_s']:.1f}")
         if done % args.log_every == 0 or done == args.steps:
-            log.log({"step": done, **stats, **speed, "peak_mem_gb": peak_memory_gb(ctx.device)})
+            log.log({"step": done, **stats, **speed, "peak_mem_gib": peak_memory_gib(ctx.device)})
         if args.valid_data is not None and (done % args.eval_every == 0 or done == args.steps):
             v = validate(model, valid_batches(args, ctx), ctx)
             if v["valid_acc"] > best_acc:

@@ -3,11 +3,10 @@ command line's checks, and runs end to end on tiny checkpoints in the public lay
 stopping, a NaN stop, resume after kill -9 (bitwise) and two gloo processes equal to one."""
 import json
 import math
+import multiprocessing
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import sinkhorn
 import train
 from lora import lora_modules
 
-ROOT = Path(train.__file__).resolve().parent
 PAIRS = [("hello world", "你好，世界！"), ("this is a test", "今天天气很好。"), ("it's fine", "我们去公园散步吧。"),
          ("new lines", "你好"), ("numbers and spaces", "世界"), ("the tokenizer", "公园")]
 
@@ -123,6 +121,21 @@ def test_contrastive_is_the_n_pair_loss(tiny):
     assert set(terms) == {"loss", "ce", "contrastive"}
 
 
+def test_teacher_forced_validation_equals_the_speech_pass(tiny):
+    tiny.eval()
+    batch = tiny_batch(tiny)
+    ce_sum, correct, n = train.teacher_forced(tiny, batch)
+    speech = tiny.encode_speech(batch.mel, batch.fbank, batch.padding_mask)
+    out = tiny.speech_pass(speech, batch.instructions, batch.targets)
+    torch.testing.assert_close(ce_sum / n, out.loss, rtol=1e-5, atol=0)
+    p = tiny.prompter.build(batch.instructions, [88] * 3, batch.targets)
+    x = tiny.llm.model.embed_tokens(p.input_ids).masked_scatter(p.slot_mask[..., None], speech)
+    logits = tiny.llm(inputs_embeds=x, attention_mask=p.attention_mask).logits[:, :-1]
+    labels = p.labels[:, 1:]
+    assert n == (labels != -100).sum() and correct == (logits.argmax(-1) == labels)[labels != -100].sum()
+    tiny.train()
+
+
 def test_ot_gradient_reaches_only_the_bridge_and_the_lora_below_the_layer(tiny):
     batch = tiny_batch(tiny)
     for layers, lora_blocks in (([0], set()), ([0, 1], {0})):
@@ -212,15 +225,24 @@ def write_manifest(path, pairs, clips, task="st"):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_ckpts):
-    """A stage-1 checkpoint of a tiny speech LLM (the public layouts) and manifests of real audio files."""
+    """A stage-1 checkpoint of a tiny speech LLM (the public layouts) and manifests of real audio files.
+
+    Its Whisper has a 3-s window (150 positions, 300 mel frames: 8 speech tokens) instead of 30 s: the runs
+    below are the same code paths at a tenth of the encoder's cost."""
+    import transformers
     from conftest import TINY_QFORMER
     from model import SpeechLLM
     d = tmp_path_factory.mktemp("train")
-    model = SpeechLLM.from_pretrained(tiny_ckpts["llm"], tiny_ckpts["whisper"], tiny_ckpts["beats"],
+    transformers.WhisperModel(transformers.WhisperConfig(
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80, max_source_positions=150, vocab_size=100,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3)).save_pretrained(d / "whisper")
+    ckpts = dict(tiny_ckpts, whisper=d / "whisper")
+    model = SpeechLLM.from_pretrained(ckpts["llm"], ckpts["whisper"], ckpts["beats"],
                                       dtype=torch.float32, qformer=TINY_QFORMER, verbose=False)
     model.save_trainable(d / "stage1")
     (d / "clips").mkdir()
-    return dict(dir=d, stage1=d / "stage1", **tiny_ckpts,
+    return dict(dir=d, stage1=d / "stage1", **ckpts,
                 train=write_manifest(d / "train.jsonl", PAIRS[:4], d / "clips"),
                 valid=write_manifest(d / "valid.jsonl", PAIRS[:2], d / "clips"),
                 aac=write_manifest(d / "aac.jsonl", PAIRS[:2], d / "clips", task="aac"))
@@ -260,7 +282,7 @@ def test_joint_run_overfits_and_writes_everything(reference, setup):
     steps = [r for r in metrics if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert set(steps[0]) == {"step", "loss", "ce", "w0", "w1", "lr", "grad_norm", "samples_per_s", "tokens_per_s",
-                             "peak_mem_gb"}
+                             "peak_mem_gib"}
     # the same 4 utterances every step: the CE falls (a random tiny LLM whose LoRA and bridge alone learn: slowly)
     ce = [r["ce"] for r in steps]
     assert ce[-1] < ce[0] - 0.05 and all(b < a for a, b in zip(ce, ce[1:])), ce
@@ -287,21 +309,20 @@ def test_resume_after_kill_is_bitwise(reference, setup):
     ref_out, _ = reference
     out = setup["dir"] / "killed"
     args = argv(setup, out, *REFERENCE, "--valid", setup["valid"])
-    env = dict(os.environ, OMP_NUM_THREADS="1")      # the same single thread as this process
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # a forked child: the same modules and single torch thread as this process, without re-importing them
+    proc = multiprocessing.get_context("fork").Process(target=train.main, args=(args,))
+    proc.start()
     deadline = time.time() + 60
     while not (out / "step_000002").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.005)
+        assert proc.is_alive() and time.time() < deadline
+        time.sleep(0.002)
     os.kill(proc.pid, signal.SIGKILL)                  # in the middle of step 3 (or of writing its checkpoint)
-    proc.wait()
-    assert not (out / "step_000004").exists()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL and not (out / "step_000004").exists()
     train.main(args + ["--resume"])
     ref = [r for r in train.read_metrics(ref_out / "metrics.jsonl")]
     got = [r for r in train.read_metrics(out / "metrics.jsonl")]
-    speed = {"samples_per_s", "tokens_per_s", "peak_mem_gb"}
+    speed = {"samples_per_s", "tokens_per_s", "peak_mem_gib"}
     assert [{k: v for k, v in r.items() if k not in speed} for r in got] == \
         [{k: v for k, v in r.items() if k not in speed} for r in ref]      # every loss, lr, norm: bitwise
     a, b = trainable(ref_out / "step_000004"), trainable(out / "step_000004")
@@ -325,7 +346,7 @@ def test_two_gloo_processes_equal_one_with_accumulation(reference, setup):
         port = s.getsockname()[1]
     # micro-batch 2 x 2 processes x accumulation 1 = the reference's 2 x 1 x 2
     torch.multiprocessing.start_processes(_ddp_worker, (argv(setup, out, *REFERENCE, "--valid", setup["valid"]), port),
-                                          nprocs=2, start_method="spawn")
+                                          nprocs=2, start_method="fork")     # forked: no re-import of torch
     a, b = trainable(ref_out / "step_000004"), trainable(out / "step_000004")
     # float32: the gradients are summed in another order (all-reduce vs accumulation), ~1e-7 relative
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
