@@ -569,7 +569,7 @@ def check_args(args, world: int) -> argparse.Namespace:
             try:
                 recorded = {k: v for k, v in SpeechLLM.checkpoint_info(ckpt).get("sources", {}).items() if v} | recorded
             except ValueError as e:
-                raise ArgumentError(f"--init {ckpt}: {e}") from None
+                raise ArgumentError(f"{ckpt}: {e}") from None
     paths = {}
     if args.backbone in BACKBONES:
         preset = LLMConfig.from_name(args.backbone)
@@ -629,7 +629,7 @@ def check_transcripts(dataset, manifests: list[Path], align: str) -> None:
                                     f"--align {align} needs the transcript of every training utterance")
 
 
-RESUME_KEYS = ("stage", "backbone", "paths", "train", "init", "layers", "align", "alpha", "global_batch", "steps",
+RESUME_KEYS = ("stage", "backbone", "paths", "train", "layers", "align", "alpha", "global_batch", "steps",
                "warmup", "lr", "warmup_lr", "min_lr", "weight_decay", "clip", "eval_every", "patience", "seed",
                "valid", "dtype")
 
@@ -894,7 +894,8 @@ def train(args, ctx: Context) -> dict:
               + f"; {len(args.train_data)} utterances, {args.train_data.sizes} per manifest; global batch "
               f"{args.global_batch} = {args.micro_batch} x {args.accumulation} accumulation x {ctx.world} process(es); "
               f"steps {start}..{args.steps}; {ctx.device}, {str(ctx.dtype).removeprefix('torch.')}"
-              + (f"; resuming from {args.resume_from}" if args.resume_from else ""), flush=True)
+              + (f"; resuming from {args.resume_from}" if args.resume_from
+                 else "; --resume: no checkpoint yet, starting at step 0" if args.resume else ""), flush=True)
 
     log = MetricsLog(out, start, ctx.is_main)
     bar = tqdm(total=args.steps, initial=start, disable=not ctx.is_main or args.no_progress, unit="step")
@@ -911,7 +912,8 @@ def train(args, ctx: Context) -> dict:
         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", sps=f"{speed['samples_per_s']:.1f}")
         if done % args.log_every == 0 or done == args.steps:
             log.log({"step": done, **stats, **speed, "peak_mem_gib": peak_memory_gib(ctx.device)})
-        if args.valid_data is not None and (done % args.eval_every == 0 or done == args.steps):
+        validating = args.valid_data is not None and (done % args.eval_every == 0 or done == args.steps)
+        if validating:
             v = validate(model, valid_batches(args, ctx), ctx)
             if v["valid_acc"] > best_acc:
                 best_acc, best_step, bad = v["valid_acc"], done, 0
@@ -922,7 +924,7 @@ def train(args, ctx: Context) -> dict:
                       f"(best {best_acc:.4f} at step {best_step})")
             if args.patience and bad >= args.patience:
                 stopped = f"no better validation accuracy for {bad} validations"
-        if done % args.save_every == 0 or done == args.steps or stopped:
+        if done % args.save_every == 0 or validating or done == args.steps or stopped:   # the best is saved
             if ctx.is_main:
                 meta = {"stage": args.stage, "step": done, "align": args.align, "layers": args.layers,
                         "alpha": args.alpha, "best_acc": best_acc, "best_step": best_step}

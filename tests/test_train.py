@@ -364,7 +364,7 @@ def test_early_stopping_fires_after_the_patience(setup):
     summary = train.main(argv(setup, out, "--align", "none", "--global-batch", "2", "--micro-batch", "2",
                               "--steps", "20", "--warmup", "1", "--lr", "1e-12", "--warmup-lr", "1e-12",
                               "--min-lr", "1e-12", "--valid", setup["valid"], "--eval-every", "1",
-                              "--patience", "2"))
+                              "--patience", "2", "--save-every", "100"))     # saved at each validation anyway
     assert summary["steps"] == 3 and summary["best_step"] == 1 and "2 validations" in summary["stopped_early"]
     valid = [r for r in train.read_metrics(out / "metrics.jsonl") if "valid_acc" in r]
     assert [r["bad_validations"] for r in valid] == [0, 1, 2]
