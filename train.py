@@ -583,8 +583,9 @@ def check_args(args, world: int) -> argparse.Namespace:
     except (OSError, ValueError) as e:
         raise ArgumentError(f"LLM {paths['llm']}: {e}") from None
     if preset is not None:
-        diff = [f"{k} {getattr(llm_cfg, k)} (preset {getattr(preset, k)})" for k in
-                ("family", "hidden_size", "num_hidden_layers", "vocab_size") if getattr(llm_cfg, k) != getattr(preset, k)]
+        diff = [f"{k} {getattr(llm_cfg, k)} (preset {getattr(preset, k)})"
+                for k in ("family", "hidden_size", "num_hidden_layers", "vocab_size")
+                if getattr(llm_cfg, k) != getattr(preset, k)]
         if diff:
             raise ArgumentError(f"--backbone {args.backbone}: {paths['llm']} is another model: {', '.join(diff)}")
     paths["whisper"] = resolve_weights(args.whisper or recorded.get("whisper") or WHISPER_HUB, "--whisper")
@@ -890,7 +891,8 @@ def train(args, ctx: Context) -> dict:
         print(parameter_report(model, ctc_head))
         print(f"expected memory per device at micro-batch {args.micro_batch} (<= {seq} positions, {tgt} target "
               f"tokens): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()))
-        print(f"stage {args.stage}, align {args.align}" + (f" at layers {args.layers}, alpha {args.alpha}" if args.layers else "")
+        print(f"stage {args.stage}, align {args.align}"
+              + (f" at layers {args.layers}, alpha {args.alpha}" if args.layers else "")
               + f"; {len(args.train_data)} utterances, {args.train_data.sizes} per manifest; global batch "
               f"{args.global_batch} = {args.micro_batch} x {args.accumulation} accumulation x {ctx.world} process(es); "
               f"steps {start}..{args.steps}; {ctx.device}, {str(ctx.dtype).removeprefix('torch.')}"

@@ -192,8 +192,8 @@ def step_flops(model, batch) -> float:
     if model.beats is not None:
         bc = model.config.beats
         T_b = (batch.fbank.shape[1] // 16) * (128 // 16)
-        beats = bc.encoder_layers * (linear_flops(bc.encoder_embed_dim, 4 * bc.encoder_embed_dim
-                                                  + 2 * bc.encoder_ffn_embed_dim, T_b) + 4 * T_b ** 2 * bc.encoder_embed_dim)
+        d = bc.encoder_embed_dim
+        beats = bc.encoder_layers * (linear_flops(d, 4 * d + 2 * bc.encoder_ffn_embed_dim, T_b) + 4 * T_b ** 2 * d)
     n_win = model.bridge.num_speech_tokens(T_w)
     qformer = 3 * n_win * q.n_layer * (linear_flops(q.encoder_width, 2 * q.hidden, q.window)
                                        + linear_flops(q.hidden, 6 * q.hidden + 2 * q.ffn, q.num_query))
@@ -202,7 +202,8 @@ def step_flops(model, batch) -> float:
     n_tgt = (prompt.labels != -100).sum(1).float().mean().item()
     h_q, h_kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     per_token = linear_flops(c.hidden_size, 2 * h_q + 2 * h_kv + 3 * c.intermediate_size, 1)
-    llm = 2 * c.num_hidden_layers * (per_token * T + 4 * T ** 2 * h_q) + 2 * linear_flops(c.hidden_size, c.vocab_size, n_tgt)
+    llm = (2 * c.num_hidden_layers * (per_token * T + 4 * T ** 2 * h_q)
+           + 2 * linear_flops(c.hidden_size, c.vocab_size, n_tgt))
     T_txt = len(model.prompter.before_ids) + len(model.tokenizer.encode(batch.transcripts[0]))
     text = max(LAYERS) * (per_token * T_txt + 4 * T_txt ** 2 * h_q)
     return whisper + beats + qformer + llm + text

@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 import data
 import sinkhorn
 import train
-from lora import lora_modules
 
 PAIRS = [("hello world", "你好，世界！"), ("this is a test", "今天天气很好。"), ("it's fine", "我们去公园散步吧。"),
          ("new lines", "你好"), ("numbers and spaces", "世界"), ("the tokenizer", "公园")]
@@ -432,12 +431,14 @@ BAD = [
     (("--layers", "0", "--patience", "2"), r"--patience 2 needs --valid"),
     (("--layers", "0", "--warmup", "10", "--steps", "10"), r"--warmup 10 must be below --steps 10"),
     (("--layers", "0", "--beats", "nowhere.pt"), r"--beats nowhere.pt: no such file"),
-    (("--layers", "0", "--backbone", "qwen2-7b", "--llm", "{llm}"), r"is another model: hidden_size 32 \(preset 3584\)"),
+    (("--layers", "0", "--backbone", "qwen2-7b", "--llm", "{llm}"),
+     r"is another model: hidden_size 32 \(preset 3584\)"),
     (("--stage", "pretrain", "--init", "", "--backbone", "qwen2-7b"),
      r"not in the Hugging Face cache.*\n    hf download Qwen/Qwen2-7B$"),
     (("--layers", "0", "--whisper", "openai/whisper-large-v2"),
      r"hf download openai/whisper-large-v2 --include config.json model.safetensors"),
-    (("--layers", "0", "--train", "{aac}"), r"aac.jsonl: entry 'aac_0' \(task aac\) has no 'transcript'; --align ot needs"),
+    (("--layers", "0", "--train", "{aac}"),
+     r"aac.jsonl: entry 'aac_0' \(task aac\) has no 'transcript'; --align ot needs"),
     (("--layers", "0", "--train", "{broken}"), r"broken.jsonl:2: field 'translation' is missing"),
     (("--layers", "0", "--train", "{missing_audio}"), r"1 of 1 audio files are missing \(m0: .*gone.wav"),
 ]
