@@ -560,6 +560,7 @@ def check_args(args, world: int) -> argparse.Namespace:
                                 f"add --resume to continue it, or choose another --out")
         args.resume_from = checkpoints(out)[-1]
     # the weights: flags, then what the --init / resumed checkpoint recorded, then the hub defaults
+    args.init = args.init or None
     init = Path(args.init) if args.init else None
     if init is not None and not init.exists():
         raise ArgumentError(f"--init {init}: no such file or directory")
