@@ -5,6 +5,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import time
@@ -355,6 +356,22 @@ def test_two_gloo_processes_equal_one_with_accumulation(reference, setup):
         for k in ("loss", "ce", "w0", "w1", "valid_loss", "valid_acc"):
             if k in r:
                 assert g[k] == pytest.approx(r[k], rel=1e-5, abs=1e-6), (r["step"], k)
+
+
+def test_ctc_head_is_saved_with_the_checkpoint_and_resumed(setup):
+    out = setup["dir"] / "ctc"
+    args = argv(setup, out, "--align", "ctc", "--global-batch", "2", "--micro-batch", "2", "--steps", "2",
+                "--warmup", "1", "--save-every", "1")
+    first = train.main(args)
+    head = load_file(str(out / "step_000002" / train.CTC_FILE))
+    cfg = train.LLMConfig.from_dir(setup["llm"])
+    assert head["weight"].shape == (cfg.vocab_size + 1, cfg.hidden_size)      # the vocabulary + a blank
+    final = train.read_metrics(out / "metrics.jsonl")[-1]
+    assert "ctc" in final and final["loss"] == pytest.approx(0.99 * final["ce"] + 0.01 * final["ctc"], rel=1e-5)
+    shutil.rmtree(out / "step_000002")
+    again = train.main(args + ["--resume"])                  # from step 1: the head comes back from its file
+    assert again["final_loss"] == first["final_loss"]
+    assert torch.equal(load_file(str(out / "step_000002" / train.CTC_FILE))["weight"], head["weight"])
 
 
 def test_early_stopping_fires_after_the_patience(setup):
