@@ -16,14 +16,21 @@ Quirks worth knowing (each one is commented where it happens):
 - Kaldi frames with snip_edges=True: only whole 25 ms frames, the first starting at sample 0. In a padded
   batch BEATs computes frames over the padded zeros too; its encoder masks them later.
 - SALMONN assumes 16 kHz input; CoVoST2's clips are 48 kHz mp3, so everything is resampled here with a
-  Kaiser-windowed sinc (polyphase, rational ratio) written out below.
+  Kaiser-windowed sinc (polyphase, exact rational ratio; from above 32 kHz in two stages, via 48 kHz).
+- A segment (start, end) is read from its file with the resampling filter's reach on each side, starting on
+  a frame that maps onto the file's 16 kHz grid, so it equals the whole file's waveform sliced.
+- Training features are computed in Batch.to(device), on the GPU, not in DataLoader workers.
+- SpeechDataset keeps its entries as one byte buffer of JSON lines: forked workers reading a list of a million
+  dicts would touch every refcount and so copy the whole list, once per worker.
 
 Everything after the file read is torch in float32 on the input's device (CPU or CUDA).
 """
+import csv
 import json
 import math
 import os
 import re
+import sys
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -84,13 +91,13 @@ SEGMENT_END_SLACK = 0.1  # seconds
 def _open(path: Path) -> sf.SoundFile:
     """Open an audio file for reading; errors name the file (libsndfile's own can mislead: a bad mp3
     reads "File does not exist")."""
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: {path}")
-    if path.stat().st_size == 0:
-        raise AudioError(f"audio file is empty (0 bytes): {path}")
     try:
         f = sf.SoundFile(path)
-    except (sf.LibsndfileError, RuntimeError) as err:
+    except (sf.LibsndfileError, RuntimeError) as err:  # only now look why: a manifest check opens 100k files
+        if not path.is_file():
+            raise FileNotFoundError(f"audio file not found: {path}") from None
+        if path.stat().st_size == 0:
+            raise AudioError(f"audio file is empty (0 bytes): {path}") from None
         raise AudioError(f"cannot decode audio file {path}: {err}") from err
     if f.frames == 0:
         f.close()
@@ -199,16 +206,16 @@ def load_audio(path: str | Path, start: float | None = None, end: float | None =
 
 # ---- resampling -------------------------------------------------------------------------------------------
 def resample(wav: torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE) -> torch.Tensor:
-    """Band-limited resampling by a rational factor: (..., N) at orig_sr -> (..., ceil(N * new_sr / orig_sr)).
+    """Band-limited resampling: (..., N) at orig_sr -> (..., ceil(N * new_sr / orig_sr)), float32.
 
-    With up/down = new_sr/orig_sr reduced by their gcd, output sample n = i*up + j lies at input time
-    t = i*down + j*down/up (in input samples), and
-        y[n] = sum_m x[m] * h(t - m),   h(t) = b * sinc(b * t) * kaiser(t),   b = 2 * cutoff / orig_sr,
-    a low-pass at `cutoff` = RESAMPLE_ROLLOFF * min(orig_sr, new_sr) / 2 Hz, a bit below the lower Nyquist
-    frequency so that the transition band ends before anything can alias. The sum is one conv1d with stride
-    `down` whose `up` output channels are the `up` phases j (the polyphase filter bank), interleaved after.
-    Samples outside the signal count as zeros. Equal rates return the input unchanged; otherwise the
-    output is float32 on the input's device.
+    Output sample n is the input at time n * orig_sr / new_sr (in input samples), interpolated by a low-pass
+    Kaiser-windowed sinc with its cutoff at RESAMPLE_ROLLOFF x the lower Nyquist frequency (7560 Hz for a
+    16 kHz output), so that the transition band ends before anything can alias. Samples outside the signal
+    count as zeros. Equal rates return the input unchanged.
+    From rates above 2 x new_sr the signal first goes to 3 x new_sr (48 kHz) through a short filter that only
+    has to keep 0..new_sr/2 and remove what would fold onto it, then down to new_sr through the sharp one: the
+    sharp filter's length grows with the input rate, and at 384 kHz it alone would cost 8x the work at 48 kHz.
+    Works for any pair of integer rates in bounded memory (see _polyphase).
     """
     orig_sr, new_sr = _check_rate(orig_sr), _check_rate(new_sr)
     if not torch.is_floating_point(wav):
@@ -217,19 +224,10 @@ def resample(wav: torch.Tensor, orig_sr: int, new_sr: int = SAMPLE_RATE) -> torc
         return wav
     if wav.shape[-1] == 0:
         raise AudioError("resample got an empty waveform")
-    g = math.gcd(orig_sr, new_sr)
-    up, down = new_sr // g, orig_sr // g
-    kernel, left = _resample_kernel(orig_sr, new_sr, wav.device)  # (up, 1, K), taps before t
-    n_in = wav.shape[-1]
-    n_out = -(-n_in * up // down)  # ceil
-    n_blocks = -(-n_out // up)  # conv outputs per phase
-    k = kernel.shape[-1]
-    x = wav.reshape(-1, 1, n_in).to(torch.float32)  # (B, 1, N)
-    # conv output i reads x_padded[i*down : i*down + K] = x[i*down - left : ...]: pad so every block exists
-    x = F.pad(x, (left, max(0, (n_blocks - 1) * down + k - left - n_in)))
-    y = F.conv1d(x, kernel, stride=down)[..., :n_blocks]  # (B, up, n_blocks): y[b, j, i] = output i*up + j
-    y = y.transpose(1, 2).reshape(x.shape[0], n_blocks * up)[:, :n_out]
-    return y.reshape(*wav.shape[:-1], n_out)
+    x = wav.reshape(-1, wav.shape[-1]).to(torch.float32)  # (B, N)
+    for stage in _resample_stages(orig_sr, new_sr):
+        x = _polyphase(x, *stage)
+    return x.reshape(*wav.shape[:-1], x.shape[-1])
 
 
 def _check_rate(sr) -> int:
@@ -240,36 +238,133 @@ def _check_rate(sr) -> int:
     return sr
 
 
-def _resample_half_width(orig_sr: int, new_sr: int) -> float:
-    """Half-length of the resampling filter, in input samples: RESAMPLE_ZEROS zero crossings of the sinc."""
-    cutoff = RESAMPLE_ROLLOFF * min(orig_sr, new_sr) / 2
-    return RESAMPLE_ZEROS * orig_sr / (2 * cutoff)
+def _resample_stages(orig_sr: int, new_sr: int) -> list[tuple[int, int, float, int, float]]:
+    """The stages (rate in, rate out, cutoff Hz, zero crossings of the sinc on each side, Kaiser beta)."""
+    sharp = (RESAMPLE_ROLLOFF * min(orig_sr, new_sr) / 2, RESAMPLE_ZEROS, RESAMPLE_BETA)
+    mid = 3 * new_sr
+    if orig_sr <= 2 * new_sr or orig_sr == mid:
+        return [(orig_sr, new_sr, *sharp)]
+    # The first stage must pass 0..new_sr/2 and remove, before they fold onto 0..new_sr/2 at `mid`, the
+    # frequencies from mid - new_sr/2 (and, going up, the images of 0..new_sr/2 at orig_sr - new_sr/2).
+    # The second stage removes everything else above new_sr/2. The first stage's ripple adds to the second's,
+    # so it is made 30 dB better: a Kaiser window with beta 14 (~135 dB) needs about 8.9 / (transition
+    # width / rate) taps, i.e. 8.9 * cutoff / width zero crossings of the sinc; 9.5 with a margin.
+    passband, stopband = new_sr / 2, min(orig_sr, mid) - new_sr / 2
+    cutoff = (passband + stopband) / 2
+    zeros = math.ceil(9.5 * cutoff / (stopband - passband))
+    return [(orig_sr, mid, cutoff, zeros, 14.0), (mid, new_sr, *sharp)]
 
 
 def _resample_margin(orig_sr: int, new_sr: int) -> int:
-    return math.ceil(_resample_half_width(orig_sr, new_sr)) + 1
+    """How far (in input samples) the resampler looks on either side of an output instant, rounded up."""
+    reach = sum(zeros * rate_in / (2 * cutoff) * orig_sr / rate_in  # a stage's half-length, in input samples
+                for rate_in, _, cutoff, zeros, _ in _resample_stages(orig_sr, new_sr))
+    return math.ceil(reach) + 2
 
 
-@lru_cache(maxsize=16)
-def _resample_kernel(orig_sr: int, new_sr: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """The polyphase filter bank, (up, 1, K) float32, and the number of taps that precede the output instant.
+def _polyphase(x: torch.Tensor, orig_sr: int, new_sr: int, cutoff: float, zeros: int, beta: float) -> torch.Tensor:
+    """(B, N) -> (B, ceil(N * new_sr / orig_sr)): one resampling stage as batched matrix products.
 
-    Designed in float64 on the CPU (it is a constant), then moved to the device.
+    With up/down = new_sr/orig_sr reduced, output n sits at input time n*down/up and is
+        y[n] = sum_m x[m] h(n*down/up - m),   h(t) = b sinc(b t) kaiser(t / half),   b = 2 cutoff / orig_sr.
+    Outputs go in blocks of P consecutive ones. Blocks whose first output has the same fractional input time
+    share their weights: block i and block i + Q do, Q = up / gcd(up, P), and lie S = Q*P*down/up input samples
+    apart. So "class" c < Q is one product (its blocks' input windows, (n_q, Kb)) @ (its weights, (Kb, P)):
+    a strided convolution with P output channels, or, for many small classes, a gather and a batched matmul.
+    The weights hold lcm(up, P) x Kb numbers (at most ~9 M), never the up x (K + down) of one filter per
+    phase over a whole period (2 GB at 16001 Hz, 7.4 GB at 11127 Hz).
     """
+    bank, starts, period = _polyphase_bank(orig_sr, new_sr, cutoff, zeros, beta)  # (Q, Kb, P), (Q,), S
+    q_classes, kb, p = bank.shape
+    n_rows, n_in = x.shape
+    g = math.gcd(orig_sr, new_sr)
+    n_out = -(-n_in * (new_sr // g) // (orig_sr // g))
+    n_q = -(-n_out // (q_classes * p))  # blocks per class
+    left = math.ceil(zeros * orig_sr / (2 * cutoff))  # window starts count from `left` samples before the signal
+    bank, starts = bank.to(x.device), starts.to(x.device)  # (a CUDA input moves the bank: <= 36 MB, odd rates)
+    # few classes with many blocks each (Q = 1 at 48, 96, 192, 384 kHz): one strided convolution per class,
+    # which never materialises the windows (3-4x faster than gathering them, measured at 48 kHz); many small
+    # classes (odd rates): gather the windows and multiply, class by class in one batched matmul
+    convolve = q_classes <= 4 and n_q >= 256
+    y = x.new_empty(n_rows, q_classes, n_q, p)
+    # a stretch of blocks at a time, so that what is copied (the stretch of input, the gathered windows) stays
+    # below _CHUNK samples whatever the length of the signal and the batch; but at least 8 blocks per class
+    # (over the batch) when gathering, or each class's product is a vector times a matrix (1.4x slower at
+    # 383999 Hz; the stretch is then up to 4 x `down` samples, 6 MB at worst)
+    blocks = max(1, _CHUNK // (n_rows * (period if convolve else q_classes * kb)))
+    if not convolve:
+        blocks = max(blocks, min(n_q, -(-4 // n_rows)))
+    for q0 in range(0, n_q, blocks):
+        q1 = min(n_q, q0 + blocks)
+        lo, hi = q0 * period, int(starts[-1]) + (q1 - 1) * period + kb  # the stretch, in samples from -left
+        piece = x[:, max(0, lo - left): max(0, min(n_in, hi - left))]
+        piece = F.pad(piece, (max(0, left - lo), hi - lo - max(0, left - lo) - piece.shape[1]))  # (B, hi - lo)
+        if convolve:
+            for c in range(q_classes):
+                out = F.conv1d(piece[:, None, int(starts[c]):], bank[c].T[:, None, :], stride=period)  # (B, P, .)
+                y[:, c, q0:q1] = out[..., : q1 - q0].transpose(1, 2)
+        else:
+            windows = piece.unfold(-1, kb, 1)  # (B, hi - lo - Kb + 1, Kb): a view, every window of Kb samples
+            first = starts[:, None] + period * torch.arange(q1 - q0, device=x.device)  # (Q, blocks)
+            classes = max(1, _CHUNK // (n_rows * (q1 - q0) * kb))
+            for c in range(0, q_classes, classes):
+                # (B, classes, blocks, Kb) @ (classes, Kb, P) -> (B, classes, blocks, P)
+                y[:, c: c + classes, q0:q1] = windows[:, first[c: c + classes]] @ bank[c: c + classes]
+    return y.transpose(1, 2).reshape(n_rows, n_q * q_classes * p)[:, :n_out]  # output (q*Q + c)*P + j
+
+
+_CHUNK = 1 << 20  # 1 M samples (4 MB) copied at a time
+_BANKS: dict = {}  # (orig_sr, new_sr, cutoff, zeros, beta) -> bank; see _BANK_CACHE
+_BANK_CACHE = 10 << 20  # numbers (40 MB) of banks held at once, the one being designed included (largest: 9 M)
+
+
+def _bank_shape(orig_sr: int, new_sr: int, cutoff: float, zeros: int) -> tuple[int, int, int, int]:
+    """(Q classes, Kb taps, P outputs per block, S input stride between a class's blocks) of a stage's bank."""
     g = math.gcd(orig_sr, new_sr)
     up, down = new_sr // g, orig_sr // g
-    bandwidth = RESAMPLE_ROLLOFF * min(orig_sr, new_sr) / orig_sr  # b = 2 * cutoff / orig_sr
-    half = _resample_half_width(orig_sr, new_sr)
+    half = zeros * orig_sr / (2 * cutoff)  # the filter's half-length in input samples
+
+    def width(p):  # Kb: the taps of a block of P outputs, which span (P-1)*down/up input samples
+        return 2 * math.ceil(half) + math.ceil((p - 1) * down / up) + 2
+    # P outputs per block: enough for a good matrix product (<= 64), and a window not mostly zeros for any one
+    # output (P*down/up about twice the filter's length); smaller (>= 8) while the bank would exceed 8 M numbers
+    p = int(min(64, max(8, 2 ** round(math.log2(max(1.0, 4 * half * up / down))))))
+    while p > 8 and up // math.gcd(up, p) * p * width(p) > 8 << 20:
+        p //= 2
+    q_classes = up // math.gcd(up, p)
+    return q_classes, width(p), p, q_classes * p * down // up
+
+
+def _polyphase_bank(orig_sr: int, new_sr: int, cutoff: float, zeros: int,
+                    beta: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The weights of _polyphase, (Q, Kb, P) float32, each class's first window start (Q,) int64 (in samples
+    of the input padded with `left` zeros), and the input stride S between a class's blocks. Designed in
+    float64 on the CPU, a few classes at a time, and cached (at 383999 Hz the bank holds 9 M numbers and takes
+    about a second to design; at common rates, a few thousand and a millisecond)."""
+    key = (orig_sr, new_sr, cutoff, zeros, beta)
+    if key in _BANKS:
+        return _BANKS[key]
+    q_classes, kb, p, period = _bank_shape(orig_sr, new_sr, cutoff, zeros)
+    while _BANKS and sum(e[0].numel() for e in _BANKS.values()) + q_classes * kb * p > _BANK_CACHE:
+        del _BANKS[next(iter(_BANKS))]  # make room first, the oldest first (dicts keep insertion order)
+    g = math.gcd(orig_sr, new_sr)
+    up, down = new_sr // g, orig_sr // g
+    b = 2 * cutoff / orig_sr  # the sinc's bandwidth in cycles per input sample
+    half = zeros / b  # the window's half-length in input samples
     left = math.ceil(half)
-    right = math.ceil(half + (up - 1) * down / up)  # the last phase sits (up-1)*down/up samples later
-    taps = torch.arange(-left, right + 1, dtype=torch.float64)  # input offsets r = m - i*down
-    phase = torch.arange(up, dtype=torch.float64) * down / up  # t_j = j*down/up
-    t = phase[:, None] - taps[None, :]  # (up, K): time from each input sample to the output instant
-    beta = torch.tensor(RESAMPLE_BETA, dtype=torch.float64)
-    inside = t.abs() <= half
-    window = torch.special.i0(beta * torch.sqrt((1 - (t / half) ** 2).clamp(min=0))) / torch.special.i0(beta)
-    h = bandwidth * torch.sinc(bandwidth * t) * window * inside
-    return h.to(torch.float32)[:, None, :].to(device), left
+    starts = torch.arange(q_classes, dtype=torch.int64) * p * down // up  # floor(c*P*down/up), padded samples
+    bank = torch.empty(q_classes, kb, p, dtype=torch.float32)
+    i0_beta = torch.special.i0(torch.tensor(beta, dtype=torch.float64))
+    step = max(1, (1 << 16) // (p * kb))  # float64 temporaries of ~64 k numbers (0.5 MB) at a time
+    for c in range(0, q_classes, step):
+        n = torch.arange(c, min(c + step, q_classes))[:, None] * p + torch.arange(p)  # (classes, P) outputs
+        # time from input sample (start - left + k) to output n, times up: exact in integers
+        t_up = n[:, :, None] * down - (starts[c: c + step, None, None] - left + torch.arange(kb)) * up
+        t = t_up.to(torch.float64) / up  # (classes, P, Kb)
+        window = torch.special.i0(beta * torch.sqrt((1 - (t / half) ** 2).clamp(min=0))) / i0_beta
+        bank[c: c + step] = (b * torch.sinc(b * t) * window * (t.abs() <= half)).transpose(1, 2)
+    _BANKS[key] = entry = (bank, starts, period)
+    return entry
 
 
 # ---- batching ---------------------------------------------------------------------------------------------
@@ -587,28 +682,28 @@ def _parse_line(raw: bytes, path: Path, n: int, require: Sequence[str] | None) -
     if not isinstance(entry, dict):
         raise ManifestError(f"{path}:{n}: expected a JSON object, got {type(entry).__name__}")
     where = f"{path}:{n}: field"
-    for field in STRING_FIELDS:
-        if field in entry:
-            value = entry[field]
+    for name in STRING_FIELDS:
+        if name in entry:
+            value = entry[name]
             if not isinstance(value, str):
-                raise ManifestError(f"{where} {field!r} must be a string, got {type(value).__name__} {value!r}")
+                raise ManifestError(f"{where} {name!r} must be a string, got {type(value).__name__} {value!r}")
             if not value.strip():
-                raise ManifestError(f"{where} {field!r} is empty")
-    for field in NUMBER_FIELDS:
-        if field in entry:
-            value = entry[field]
+                raise ManifestError(f"{where} {name!r} is empty")
+    for name in NUMBER_FIELDS:
+        if name in entry:
+            value = entry[name]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ManifestError(f"{where} {field!r} must be a non-negative number of seconds, got {value!r}")
+                raise ManifestError(f"{where} {name!r} must be a non-negative number of seconds, got {value!r}")
     if "start" in entry and "end" in entry and entry["start"] >= entry["end"]:
         raise ManifestError(f"{where}s 'start' ({entry['start']}) and 'end' ({entry['end']}): start must come first")
     if "task" in entry and entry["task"] not in TASKS:
         raise ManifestError(f"{where} 'task' must be one of {', '.join(TASKS)}, got {entry['task']!r}")
     needed = require if require is not None else ("id", "audio", "task") + TASK_FIELDS.get(entry.get("task"), ())
-    for field in needed:
-        if field not in entry:
-            raise ManifestError(f"{where} {field!r} is missing"
+    for name in needed:
+        if name not in entry:
+            raise ManifestError(f"{where} {name!r} is missing"
                                 + (f" (a {entry['task']!r} entry needs {', '.join(TASK_FIELDS[entry['task']])})"
-                                   if require is None and field in TASK_FIELDS.get(entry.get("task"), ()) else ""))
+                                   if require is None and name in TASK_FIELDS.get(entry.get("task"), ()) else ""))
     return entry
 
 
@@ -645,8 +740,9 @@ def write_manifest(entries: Iterable[dict], path: str | Path) -> int:
 @dataclass
 class Batch:
     """A batch of utterances for the speech LLM. Call .to(device) before use: it moves the waveforms and computes
-    both encoders' features there (on a GPU that takes well under a millisecond for 8 x 30 s, where a CPU
-    worker spends ~11 ms per 30 s clip, and the waveform is smaller than the features it becomes).
+    both encoders' features there: a few batched FFTs and matrix products on a GPU, where a CPU worker spends
+    16-22 ms per 30 s clip on them (as much as on reading it; benchmarks/bench_data.py), and the waveform sent
+    is smaller than the features it becomes (1.9 MB against 2.5 MB per 30 s).
 
     ids, tasks (instruction keys), instructions, targets, transcripts (None where an entry has none): B each
     wavs          (B, N) float32   16 kHz waveforms, zero-padded to the longest
@@ -727,6 +823,8 @@ class SpeechDataset(torch.utils.data.Dataset):
             raise ValueError(f"SpeechDataset: {len(manifests)} manifests but {len(weights)} weights")
         if any(not math.isfinite(w) or w < 0 for w in weights) or not any(w > 0 for w in weights):
             raise ValueError(f"SpeechDataset: weights must be >= 0 and not all 0, got {weights}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"SpeechDataset: seed must be a non-negative integer, got {seed!r}")
         if instructions is None:
             from model import INSTRUCTIONS as instructions
         self.instructions = {k: list(v) for k, v in instructions.items()}
@@ -904,3 +1002,393 @@ def load_batch(paths: Sequence[str | Path], n_mels: int = 80, device: str | torc
     wavs, padding_mask = pad_batch([load_audio(p) for p in paths])
     wavs, padding_mask = wavs.to(device), padding_mask.to(device)
     return log_mel_spectrogram(wavs, n_mels=n_mels, padding_mask=padding_mask), beats_fbank(wavs), padding_mask
+
+
+# ---- corpora -> manifests: python data.py prepare CORPUS --root ... --out ... --------------------------------
+# Each reader turns a corpus, as its publisher ships it, into candidate entries (audio as an absolute path) and
+# the items it had to leave out with the reason; _finish then checks every audio file by its header (present,
+# readable, long enough for its segment, not too long), writes the manifest atomically and prints counts, hours
+# and every skipped item.
+# LibriSpeech and GigaSpeech transcripts are upper case; SALMONN's own training annotation gives LibriSpeech in
+# sentence case ("Chapter one missus rachel lynde is surprised ...", bytedance/SALMONN data/example_data.json),
+# so that is the default here (--case lower | upper | sentence); SLAM-LLM's asr_librispeech README shows cased,
+# punctuated targets, which the corpus does not have. WER is computed after normalisation anyway.
+def _cased(text: str, case: str) -> str:
+    """Whitespace collapsed; "sentence": lower case with a capital at the start and after . ? !"""
+    text = " ".join(text.split())
+    if case == "sentence":
+        return re.sub(r"(^|[.?!] )([a-z])", lambda m: m[1] + m[2].upper(), text.lower())
+    return text.lower() if case == "lower" else text.upper()
+
+
+def _read_table(path: Path, delimiter: str, **kw) -> list[dict]:
+    """A CSV/TSV with a header row -> list of dicts; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"not found: {path}")
+    with open(path, encoding="utf-8", newline="") as f:
+        try:
+            return list(csv.DictReader(f, delimiter=delimiter, **kw))
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise ManifestError(f"{path}: cannot parse ({e})") from None
+
+
+def _require_columns(rows: list[dict], columns: Sequence[str], path: Path) -> None:
+    if rows and not set(columns) <= set(rows[0]):
+        raise ManifestError(f"{path}: expected columns {', '.join(columns)}, found {', '.join(rows[0])}")
+
+
+def _index_files(root: Path, extensions=(".wav", ".flac", ".mp3", ".ogg", ".opus")) -> dict[str, str]:
+    """Every audio file under root by its name (downloaders and unzipped archives nest folders differently)."""
+    found = {}
+    for folder, _, names in os.walk(root, followlinks=True):
+        for name in names:
+            if name.lower().endswith(extensions):
+                found.setdefault(name, os.path.join(folder, name))
+    return found
+
+
+def read_covost2(root: Path, split: str = "train", tgt_lang: str = "zh-CN", clips: Path | None = None,
+                 cv_tsv: Path | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """CoVoST 2 En->X over Common Voice 4 English (paper: En->Zh and En->Ja; 289k / 15.5k / 15.5k).
+
+    root holds either the per-split TSV written by the official split script, covost_v2.en_{tgt}.{split}.tsv
+    (columns path, sentence, translation, client_id), or the released covost_v2.en_{tgt}.tsv (path,
+    translation, split) and then cv_tsv must be Common Voice's validated.tsv (path, sentence, client_id): the
+    two are joined on path as the script does, train taking split "train" and "train_covost". Both are read as
+    the script writes them: tab-separated, no quoting, backslash escapes (facebookresearch/covost
+    get_covost_splits.py). Audio: Common Voice's clips/<path> (mp3, 48 kHz), clips defaulting to root/clips.
+    tgt_lang is CoVoST's code (zh-CN, ja); the manifest's tgt_lang is its language part (zh, ja).
+    """
+    tsv = dict(delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+    per_split = root / f"covost_v2.en_{tgt_lang}.{split}.tsv"
+    if per_split.is_file():
+        rows = _read_table(per_split, **tsv)
+        _require_columns(rows, ("path", "sentence", "translation"), per_split)
+    else:
+        released = root / f"covost_v2.en_{tgt_lang}.tsv"
+        if cv_tsv is None:
+            raise FileNotFoundError(f"neither {per_split} nor --cv-tsv (Common Voice's validated.tsv, to join with "
+                                    f"{released}) was given")
+        rows = _read_table(released, **tsv)
+        _require_columns(rows, ("path", "translation", "split"), released)
+        sentences = {r["path"]: r["sentence"] for r in _read_table(Path(cv_tsv), **tsv)}
+        wanted = {"train", "train_covost"} if split == "train" else {split}
+        rows = [{**r, "sentence": sentences.get(r["path"])} for r in rows if r["split"] in wanted]
+    clips = Path(clips) if clips else root / "clips"
+    entries, skipped = [], []
+    for r in rows:
+        uid = Path(r["path"]).stem
+        if r["sentence"] is None:
+            skipped.append((uid, f"not in {cv_tsv} (the official script's inner join leaves it out too)"))
+            continue
+        if not r["sentence"].strip() or not r["translation"].strip():
+            skipped.append((uid, "empty transcript or translation"))
+            continue
+        entries.append({"id": uid, "audio": str(clips / r["path"]), "task": "st", "lang": "en",
+                        "tgt_lang": tgt_lang.split("-")[0], "transcript": r["sentence"].strip(),
+                        "translation": r["translation"].strip()})
+    return entries, skipped
+
+
+def read_librispeech(root: Path, splits: Sequence[str] = (), case: str = "sentence"):
+    """LibriSpeech: <root>/<split>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt, one "<id> <TEXT>" line per
+    utterance, beside <id>.flac (16 kHz). root is the LibriSpeech/ folder; splits default to every folder in it
+    (train-clean-100, train-clean-360, train-other-500 for the paper's 960 h; test-clean for layer selection)."""
+    splits = list(splits) or sorted(p.name for p in root.iterdir() if p.is_dir())
+    entries, skipped = [], []
+    for split in splits:
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"LibriSpeech split not found: {root / split}")
+        for trans in sorted((root / split).glob("*/*/*.trans.txt")):
+            for line in trans.read_text(encoding="utf-8").splitlines():
+                uid, _, text = line.strip().partition(" ")
+                if not uid:
+                    continue
+                if not text.strip():
+                    skipped.append((uid, f"empty transcript in {trans}"))
+                    continue
+                entries.append({"id": uid, "audio": str(trans.parent / f"{uid}.flac"), "task": "asr", "lang": "en",
+                                "transcript": _cased(text, case)})
+    return entries, skipped
+
+
+GIGASPEECH_PUNCTUATION = {"<COMMA>": ",", "<PERIOD>": ".", "<QUESTIONMARK>": "?", "<EXCLAMATIONPOINT>": "!"}
+GIGASPEECH_GARBAGE = ("<SIL>", "<MUSIC>", "<NOISE>", "<OTHER>")
+
+
+def read_gigaspeech(root: Path, subset: str = "{M}", case: str = "sentence"):
+    """GigaSpeech: root/GigaSpeech.json, {"audios": [{"aid", "path" (e.g. audio/podcast/P0001/POD0000000001.opus,
+    relative to root), "segments": [{"sid", "begin_time", "end_time", "text_tn", "subsets": ["{XL}", "{M}", ...]}]}]}
+    (SpeechColab/GigaSpeech toolkits/kaldi/extract_meta.py reads the same keys). Segments of `subset` ({M} is
+    the paper's 1,000 h; {DEV}, {TEST} the evaluation sets) become entries with start/end in the hour-long
+    opus file. text_tn is upper case with punctuation as tags: the four tags become , . ? ! attached to the
+    word before; a segment with a garbage tag (<SIL> <MUSIC> <NOISE> <OTHER>, which the dev/test annotators put
+    on non-speech; the publisher recommends dropping them) is skipped, as is any other tag."""
+    meta = root / "GigaSpeech.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"not found: {meta}")
+    with open(meta, encoding="utf-8") as f:
+        audios = json.load(f)["audios"]
+    entries, skipped = [], []
+    for audio in audios:
+        for seg in audio.get("segments", []):
+            if subset not in seg.get("subsets", []):
+                continue
+            words = seg.get("text_tn", "").split()
+            garbage = [w for w in words if w in GIGASPEECH_GARBAGE]
+            unknown = [w for w in words if w.startswith("<") and w not in GIGASPEECH_PUNCTUATION and w not in garbage]
+            if garbage or unknown:
+                skipped.append((seg["sid"], f"{'garbage' if garbage else 'unknown'} tag {(garbage or unknown)[0]}"))
+                continue
+            text = " ".join(words)
+            for tag, mark in GIGASPEECH_PUNCTUATION.items():
+                text = text.replace(f" {tag}", mark).replace(tag, mark)
+            if not text.strip(" ,.?!"):
+                skipped.append((seg["sid"], "empty transcript"))
+                continue
+            entries.append({"id": seg["sid"], "audio": str(root / audio["path"]), "start": seg["begin_time"],
+                            "end": seg["end_time"], "task": "asr", "lang": "en", "transcript": _cased(text, case)})
+    return entries, skipped
+
+
+def read_audiocaps(root: Path, split: str = "train", audio_dir: Path | None = None):
+    """AudioCaps: root/{train,val,test}.csv with columns audiocap_id, youtube_id, start_time, caption (one row
+    per caption: val and test have five rows per clip; cdjkim/audiocaps dataset/README.md). The 10-s clips
+    come from YouTube through third-party downloaders, so a clip is looked for under audio_dir (default root)
+    by any of the names they give it: {youtube_id}_{start_time}.<ext> (aac-datasets), Y{youtube_id}.<ext>
+    (AudioSet style, as WavCaps' AudioCaps lists name them), {youtube_id}.<ext>, {audiocap_id}.<ext>."""
+    path = root / f"{split}.csv"
+    rows = _read_table(path, ",")
+    _require_columns(rows, ("audiocap_id", "youtube_id", "start_time", "caption"), path)
+    files = _index_files(Path(audio_dir) if audio_dir else root)
+    entries, skipped = [], []
+    for r in rows:
+        uid, yt, start = r["audiocap_id"], r["youtube_id"], r["start_time"]
+        names = [f"{yt}_{start}", f"Y{yt}", yt, uid]
+        found = next((files[n + e] for n in names for e in (".wav", ".flac", ".mp3", ".ogg", ".opus") if n + e in files),
+                     None)
+        if not r["caption"].strip():
+            skipped.append((uid, "empty caption"))
+        elif found is None:
+            skipped.append((uid, f"missing audio file (looked for {yt}_{start}.*, Y{yt}.*, {yt}.*, {uid}.*)"))
+        else:
+            entries.append({"id": uid, "audio": found, "task": "aac", "caption": " ".join(r["caption"].split())})
+    return entries, skipped
+
+
+def read_clotho(root: Path, split: str = "development"):
+    """Clotho v2: root/clotho_captions_{development,validation,evaluation}.csv with columns file_name,
+    caption_1 .. caption_5 (five captions per file), and the audio of each split extracted from
+    clotho_audio_<split>.7z into root/<split>/<file_name> (44.1 kHz wav; the publisher's Zenodo record and
+    aac-datasets' Clotho loader use these names). One entry per caption, id <file stem>_<k>."""
+    path = root / f"clotho_captions_{split}.csv"
+    rows = _read_table(path, ",")
+    columns = [f"caption_{k}" for k in range(1, 6)]
+    _require_columns(rows, ["file_name"] + columns, path)
+    entries, skipped = [], []
+    for r in rows:
+        stem = Path(r["file_name"]).stem
+        for k, column in enumerate(columns, 1):
+            uid = f"{stem}_{k}"
+            if not (r[column] or "").strip():
+                skipped.append((uid, "empty caption"))
+                continue
+            entries.append({"id": uid, "audio": str(root / split / r["file_name"]), "task": "aac",
+                            "caption": " ".join(r[column].split())})
+    return entries, skipped
+
+
+WAVCAPS_SOURCES = {"AudioSet_SL": "as_final.json", "BBC_Sound_Effects": "bbc_final.json",
+                   "FreeSound": "fsd_final.json", "SoundBible": "sb_final.json"}
+
+
+def read_wavcaps(root: Path, sources: Sequence[str] = (), audio_dir: Path | None = None):
+    """WavCaps: root/json_files/<source>/<name>_final.json, {"num_captions_per_audio": 1, "data": [{"id",
+    "caption", "audio", "duration", ...}]} (an early SoundBible file is a bare list), as the publisher's own
+    loader reads them (XinhaoMei/WavCaps retrieval/data_handling/pretrain_dataset.py); its "audio" is a
+    placeholder. The audio ships as zipped flac (huggingface cvssp/WavCaps) whose folders nest differently
+    once unpacked, so a file is looked for by name under audio_dir (default root): AudioSet_SL's id
+    "Y<yt>.wav" is the file Y<yt>.flac, every other source's id <id> is <id>.flac (aac-datasets' WavCaps
+    loader names them the same way). Clips longer than 180 s are dropped by _finish (the paper's filter)."""
+    files = _index_files(Path(audio_dir) if audio_dir else root, (".flac", ".wav"))
+    entries, skipped = [], []
+    for source in sources or WAVCAPS_SOURCES:
+        if source not in WAVCAPS_SOURCES:
+            raise ValueError(f"unknown WavCaps source {source!r}; known: {', '.join(WAVCAPS_SOURCES)}")
+        path = root / "json_files" / source / WAVCAPS_SOURCES[source]
+        if not path.is_file():
+            raise FileNotFoundError(f"not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+        for item in items["data"] if isinstance(items, dict) else items:
+            name = item["id"].replace(".wav", ".flac") if source == "AudioSet_SL" else f"{item['id']}.flac"
+            uid = f"{source}/{Path(name).stem}"
+            if not (item.get("caption") or "").strip():
+                skipped.append((uid, "empty caption"))
+            elif name not in files:
+                skipped.append((uid, f"missing audio file {name}"))
+            else:
+                entries.append({"id": uid, "audio": files[name], "task": "aac", "caption": " ".join(item["caption"].split())})
+    return entries, skipped
+
+
+def _header(path: str) -> tuple[float, str | None]:
+    """(duration in seconds, None) from the header, or (0, the reason it cannot be used)."""
+    try:
+        frames, sr = audio_info(path)
+        return frames / sr, None
+    except FileNotFoundError:
+        return 0.0, "missing audio file"
+    except AudioError as e:
+        return 0.0, str(e)
+
+
+_PARALLEL_HEADERS = 2000  # fewer files than this are read in this process (starting workers costs ~0.1 s)
+
+
+def _headers(paths: Iterable[str], workers: int | None = None) -> dict[str, tuple[float, str | None]]:
+    """_header of every distinct path, in worker processes for many (opening a file with soundfile is ~100 us
+    of mostly Python, so threads would wait on each other's GIL)."""
+    unique = list(dict.fromkeys(paths))
+    workers = workers or os.cpu_count() or 1
+    if len(unique) < _PARALLEL_HEADERS or workers == 1:
+        return {p: _header(p) for p in unique}
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers) as pool:
+        return dict(zip(unique, pool.map(_header, unique, chunksize=512)))
+
+
+def _finish(entries: list[dict], skipped: list[tuple[str, str]], out: Path, max_seconds: float | None) -> dict:
+    """Check every entry's audio by its header, write the manifest atomically, print counts, hours, skips."""
+    out = Path(out)
+    headers = _headers(e["audio"] for e in entries)
+    kept, seen = [], set()
+    for e in entries:
+        duration, problem = headers[e["audio"]]
+        if problem is None and "end" in e and e["end"] > duration + SEGMENT_END_SLACK:
+            problem = f"segment ends at {e['end']} s, after the end of {e['audio']} ({duration:.2f} s)"
+        length = (e.get("end", duration) - e.get("start", 0.0)) if problem is None else 0.0
+        if problem is None and max_seconds is not None and length > max_seconds:
+            problem = f"too long: {length:.1f} s > {max_seconds:g} s"
+        if problem is None and e["id"] in seen:
+            problem = "duplicate id"
+        if problem:
+            skipped.append((e["id"], problem))
+            continue
+        seen.add(e["id"])
+        e["duration"] = round(length, 3)
+        kept.append(e)
+    base = out.parent.resolve()
+    for e in kept:  # paths under the manifest's folder are written relative to it, so the folder can move
+        rel = os.path.relpath(e["audio"], base)
+        e["audio"] = e["audio"] if rel.startswith("..") else rel
+    for uid, reason in skipped:
+        print(f"skipped {uid}: {reason}")
+    if not kept:
+        raise ManifestError(f"nothing to write to {out}: all {len(skipped)} items were skipped")
+    write_manifest(kept, out)
+    hours = sum(e["duration"] for e in kept) / 3600
+    print(f"wrote {out}: {len(kept)} entries, {hours:.2f} h; skipped {len(skipped)}")
+    return {"entries": len(kept), "hours": hours, "skipped": len(skipped)}
+
+
+# ---- python data.py check MANIFEST ------------------------------------------------------------------------------
+def check_manifest(path: str | Path, workers: int | None = None) -> dict:
+    """Every line parsed, every audio file read by its header, every segment inside its file. Prints the lines
+    that would fail (file:line: reason), then counts and hours per task; returns them with "failed"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    failures, parsed, seen = [], [], {}
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                entry = _parse_line(raw, path, n, None)
+            except ManifestError as e:
+                failures.append(str(e))
+                continue
+            if entry is None:
+                continue
+            if entry["id"] in seen:
+                failures.append(f"{path}:{n}: id {entry['id']!r} already used on line {seen[entry['id']]}")
+                continue
+            seen[entry["id"]] = n
+            entry["audio"] = os.path.abspath(path.parent / entry["audio"])
+            parsed.append((n, entry))
+    headers = _headers((e["audio"] for _, e in parsed), workers)
+    hours, counts, long = {}, {}, 0
+    for n, e in parsed:
+        duration, problem = headers[e["audio"]]
+        if problem is None and (e.get("end", 0.0) > duration + SEGMENT_END_SLACK or e.get("start", 0.0) >= duration):
+            problem = f"segment [{e.get('start', 0)}, {e.get('end')}) s is not inside the file ({duration:.2f} s)"
+        if problem:
+            failures.append(f"{path}:{n}: {e['audio']}: {problem}")
+            continue
+        key = task_key(e)
+        length = min(e.get("end", duration), duration) - e.get("start", 0.0)
+        hours[key] = hours.get(key, 0.0) + length / 3600
+        counts[key] = counts.get(key, 0) + 1
+        long += length > CHUNK_LENGTH
+    for line in failures:
+        print(line)
+    for key in sorted(counts):
+        print(f"{key}: {counts[key]} entries, {hours[key]:.2f} h")
+    if long:
+        print(f"{long} entries are longer than {CHUNK_LENGTH} s: training and evaluation keep their first {CHUNK_LENGTH} s")
+    print(f"{path}: {sum(counts.values())} good entries, {len(failures)} failing lines")
+    return {"counts": counts, "hours": hours, "failed": failures, "longer_than_30s": long}
+
+
+PREPARE = {"covost2": read_covost2, "librispeech": read_librispeech, "gigaspeech": read_gigaspeech,
+           "audiocaps": read_audiocaps, "clotho": read_clotho, "wavcaps": read_wavcaps}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="turn a corpus, as published, into a manifest")
+    prep.add_argument("corpus", choices=sorted(PREPARE))
+    prep.add_argument("--root", type=Path, required=True, help="the corpus's folder (see each reader's docstring)")
+    prep.add_argument("--out", type=Path, required=True, help="the manifest to write (.jsonl)")
+    prep.add_argument("--split", help="covost2: train|dev|test (train); audiocaps: train|val|test (train); "
+                                      "clotho: development|validation|evaluation (development)")
+    prep.add_argument("--splits", help="librispeech: comma-separated split folders (default: all)")
+    prep.add_argument("--tgt-lang", default="zh-CN", help="covost2: CoVoST's target code, zh-CN or ja (zh-CN)")
+    prep.add_argument("--clips", type=Path, help="covost2: Common Voice's clips/ folder (default ROOT/clips)")
+    prep.add_argument("--cv-tsv", type=Path, help="covost2: Common Voice's validated.tsv, with the released TSV")
+    prep.add_argument("--subset", default="{M}", help="gigaspeech: {XS} {S} {M} {L} {XL} {DEV} {TEST} ({M})")
+    prep.add_argument("--sources", help="wavcaps: comma-separated, of " + ", ".join(WAVCAPS_SOURCES) + " (all)")
+    prep.add_argument("--audio-dir", type=Path, help="audiocaps, wavcaps: where the audio files are (ROOT)")
+    prep.add_argument("--case", choices=("sentence", "lower", "upper"), default="sentence",
+                      help="librispeech, gigaspeech: transcript casing (sentence, as SALMONN's annotation)")
+    prep.add_argument("--max-seconds", type=float, help="drop longer clips (wavcaps: 180, the paper's filter)")
+    chk = sub.add_parser("check", help="check manifests: every line, every audio header, hours per task")
+    chk.add_argument("manifests", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "check":
+        return int(any(check_manifest(m)["failed"] for m in args.manifests))
+    if not args.root.is_dir():
+        parser.error(f"--root {args.root} is not a folder")
+    if args.out.exists() and args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder; give the manifest's file name")
+    c = args.corpus
+    kwargs = {"covost2": dict(split=args.split or "train", tgt_lang=args.tgt_lang, clips=args.clips, cv_tsv=args.cv_tsv),
+              "librispeech": dict(splits=args.splits.split(",") if args.splits else (), case=args.case),
+              "gigaspeech": dict(subset=args.subset, case=args.case),
+              "audiocaps": dict(split=args.split or "train", audio_dir=args.audio_dir),
+              "clotho": dict(split=args.split or "development"),
+              "wavcaps": dict(sources=args.sources.split(",") if args.sources else (), audio_dir=args.audio_dir)}[c]
+    max_seconds = args.max_seconds if args.max_seconds is not None else (180.0 if c == "wavcaps" else None)
+    try:
+        entries, skipped = PREPARE[c](args.root, **kwargs)
+        _finish(entries, skipped, args.out, max_seconds)
+    except (OSError, ValueError) as e:
+        print(f"data.py prepare {c}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

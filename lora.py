@@ -19,9 +19,9 @@ Design
   restores W up to float rounding (about 1 ulp of W + dW); in bf16 up to bf16 rounding of W + dW, so
   keep a copy of W if you need it bit-exact.
 
-Formats: our adapter file (`save_lora` / `load_lora`: safetensors with the model's own LoRA keys), SALMONN's
-checkpoint keys (`load_salmonn_lora`), and a PEFT adapter directory (`export_peft_adapter` /
-`load_peft_adapter`) that `peft.PeftModel.from_pretrained` loads onto the Hugging Face model.
+The adapter is saved with the rest of the trainable weights in this project's checkpoint (model.py, which
+also reads SALMONN's); `export_peft_adapter` writes it as a PEFT adapter folder, which
+`peft.PeftModel.from_pretrained` loads onto the Hugging Face model.
 """
 import json
 import math
@@ -30,12 +30,9 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
-# SALMONN wraps its LLaMA in peft (0.3): `llama_model.base_model.model.<module path>.lora_A.default.weight`
-SALMONN_LLM_PREFIX = "llama_model.base_model.model."
 # PEFT saves adapters as `base_model.model.<module path>.lora_A.weight` (the adapter name is dropped)
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -173,72 +170,6 @@ def lora_hparams(model: nn.Module) -> dict:
     return dict(r=r, alpha=alpha, dropout=dropout, target_modules=targets)
 
 
-@torch.no_grad()
-def load_lora_state_dict(model: nn.Module, sd: dict, source: str = "state dict"):
-    """Copy adapter weights keyed like `lora_state_dict(model)` into `model`'s LoRA layers; errors name the
-    missing, unexpected or mis-shaped keys and `source`. Values are converted to each LoRA weight's dtype."""
-    own = lora_state_dict(model)
-    if not own:
-        raise ValueError(f"{source}: {type(model).__name__} has no LoRA layers (call inject_lora first)")
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"{source}: LoRA keys do not match the model: missing {missing}, unexpected {unexpected}")
-    for k, v in sd.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)} in the file but {tuple(own[k].shape)} "
-                             f"in the model (another LLM size or LoRA rank?)")
-    for k, v in sd.items():
-        own[k].copy_(v)
-
-
-def save_lora(model: nn.Module, path: str):
-    """Save the adapter weights only (safetensors), with r / alpha / dropout / targets as metadata."""
-    hp = lora_hparams(model)
-    meta = {k: json.dumps(v) for k, v in hp.items()}
-    save_file({k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}, path, metadata=meta)
-
-
-def _check_hparams(model: nn.Module, r, alpha, source: str):
-    hp = lora_hparams(model)
-    if r is not None and r != hp["r"]:
-        raise ValueError(f"{source}: adapter has r={r} but the model's LoRA has r={hp['r']}")
-    if alpha is not None and float(alpha) != float(hp["alpha"]):
-        raise ValueError(f"{source}: adapter has lora_alpha={alpha} but the model's LoRA has alpha={hp['alpha']}: "
-                         f"the update would be scaled by {hp['alpha'] / hp['r']} instead of {alpha / hp['r']}")
-
-
-def load_lora(model: nn.Module, path: str):
-    """Load a `save_lora` file into an injected model (same keys, r and alpha)."""
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    _check_hparams(model, json.loads(meta["r"]) if "r" in meta else None,
-                   json.loads(meta["alpha"]) if "alpha" in meta else None, path)
-    load_lora_state_dict(model, load_file(path), source=path)
-
-
-def lora_state_from_salmonn(sd: dict) -> dict:
-    """SALMONN's LoRA keys -> ours:
-    llama_model.base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.default.weight (r, hidden) ->
-    model.layers.{i}.self_attn.q_proj.lora_A.weight. Every other key (Q-Former, rotary buffers) is skipped."""
-    out = {}
-    for k, v in sd.items():
-        if not k.startswith(SALMONN_LLM_PREFIX):
-            continue
-        for ab in ("lora_A", "lora_B"):
-            if k.endswith(f".{ab}.default.weight"):
-                out[k.removeprefix(SALMONN_LLM_PREFIX).removesuffix(f".{ab}.default.weight") + f".{ab}.weight"] = v
-    return out
-
-
-def load_salmonn_lora(model: nn.Module, sd: dict, source: str = "state dict"):
-    """Load the LoRA weights of a SALMONN state dict (see qformer.read_salmonn_checkpoint) into `model`, the
-    LLM with LoRA injected (r=8, alpha=32 for SALMONN's released checkpoints)."""
-    lora_sd = lora_state_from_salmonn(sd)
-    if not lora_sd:
-        raise KeyError(f"{source}: no '{SALMONN_LLM_PREFIX}...lora_A.default.weight' keys")
-    load_lora_state_dict(model, lora_sd, source=source)
-
-
 def export_peft_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None):
     """Write a PEFT LoRA adapter directory (adapter_model.safetensors + adapter_config.json) that
     `peft.PeftModel.from_pretrained(hf_causal_lm, out_dir)` loads. `model` must be the LLM itself, whose
@@ -255,23 +186,6 @@ def export_peft_adapter(model: nn.Module, out_dir: str, base_model_name_or_path:
     )
     with open(os.path.join(out_dir, PEFT_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
-
-
-def load_peft_adapter(model: nn.Module, adapter_dir: str):
-    """Load a PEFT LoRA adapter directory (ours or PEFT's own) into a model injected with the same r/alpha."""
-    cfg_path, w_path = os.path.join(adapter_dir, PEFT_CONFIG), os.path.join(adapter_dir, PEFT_WEIGHTS)
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    for field, ok in (("peft_type", "LORA"), ("bias", "none"), ("fan_in_fan_out", False), ("use_rslora", False),
-                      ("use_dora", False), ("rank_pattern", {}), ("alpha_pattern", {})):
-        if cfg.get(field, ok) != ok:
-            raise ValueError(f"{cfg_path}: {field}={cfg[field]!r} is not supported (expected {ok!r})")
-    _check_hparams(model, cfg.get("r"), cfg.get("lora_alpha"), cfg_path)
-    sd = load_file(w_path)
-    bad = [k for k in sd if not k.startswith(PEFT_PREFIX)]
-    if bad:
-        raise KeyError(f"{w_path}: keys without the '{PEFT_PREFIX}' prefix: {bad}")
-    load_lora_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in sd.items()}, source=w_path)
 
 
 def count_trainable(model: nn.Module) -> dict:

@@ -1,22 +1,26 @@
 """The networks of AI-STA, written by hand in PyTorch, loading the public checkpoints directly.
 
-This file holds, top to bottom:
-  1. one checkpoint loader for every published format (safetensors, sharded safetensors, pickled
-     .bin / .pt, sharded .bin), assigning tensors in place into a model built on the meta device;
-  2. the decoder-only LLM shared by both backbones (Qwen2-7B, Vicuna-13B-v1.1 = Llama), its presets,
-     its KV cache, greedy and beam-search generation, and the two tokenizers;
-  3. the frozen ears: Whisper-large-v2's encoder (HF's key layout) and BEATs iter3+ (the official one);
-  4. the speech LLM: frozen encoders -> window Q-Former (qformer.py) -> LLM with LoRA (lora.py), its
-     prompt templates, the speech pass (CE + hidden states) and the text pass of the joint stage.
+Contents, top to bottom:
+  1. Checkpoints: one reader for every published format (safetensors, sharded safetensors, pickled
+     .bin / .pt / .pth, sharded .bin) and one loader that checks keys, shapes and dtypes and assigns the
+     tensors in place into a model built on the meta device. One exception: CheckpointError.
+  2. The LLM shared by both backbones (Qwen2-7B; Vicuna-13B-v1.1 = Llama): presets, KV cache, greedy and
+     beam-search generation, and the two tokenizers.
+  3. The frozen ears: Whisper-large-v2's encoder (HF's keys) and BEATs iter3+ (the official keys), built
+     from one attention and one encoder layer.
+  4. The speech LLM (AI-STA §3.1, SALMONN's architecture): frozen encoders -> window Q-Former
+     (qformer.py) -> LLM with LoRA (lora.py); prompts; the speech pass and the text pass of the joint stage;
+     this project's checkpoints and SALMONN's.
 
-Quirks of the LLM family worth knowing before reading the code:
-  - Llama and Qwen2 are the same network: pre-RMSNorm blocks, rotate-half RoPE (dimension j is paired
-    with j + head_dim/2; HF checkpoints are already permuted for that), SwiGLU MLP, untied lm_head.
+Module names equal the public checkpoints' keys (`model.layers.3.self_attn.q_proj.weight`,
+`layers.0.fc1.weight` under Whisper's `model.encoder.`), so loading is the identity map.
+
+Quirks of the LLM family worth knowing:
+  - Llama and Qwen2 are one network: pre-RMSNorm blocks, rotate-half RoPE (dimension j is paired with
+    j + head_dim/2; HF checkpoints are already permuted for it), SwiGLU MLP, untied lm_head.
   - Qwen2 puts biases on q/k/v but not on o; Llama's optional `attention_bias` puts them on all four.
   - Qwen2-7B uses grouped-query attention (28 query heads share 4 key/value heads); Vicuna-13B does not.
-  - RMSNorm normalises in float32 and casts back before multiplying by its weight (bf16 parity with HF).
-  - Module names equal the HF checkpoint keys (`model.layers.3.self_attn.q_proj.weight`), so loading a
-    checkpoint is the identity map.
+  - RMSNorm normalises in float32 and casts back before the weight multiplies (bf16 parity with HF).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import json
 import math
 import os
 import re
-from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -34,54 +37,63 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import count_trainable, inject_lora, lora_state_from_salmonn
-from qformer import QFormerConfig, WindowQFormer, qformer_state_from_salmonn, read_salmonn_checkpoint
-
+from lora import count_trainable, inject_lora
+from qformer import QFormerConfig, WindowQFormer
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Checkpoint loading: one loader for all formats
+# 1. Checkpoints: one reader, one loader, one error
 # ----------------------------------------------------------------------------------------------------
+
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded. The message names the file and the offending keys."""
+    """A checkpoint (file, folder or config) that cannot be used; the message names the file and the key."""
 
 
 def _list_keys(keys: Iterable[str], limit: int = 20) -> str:
     keys = sorted(keys)
-    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    """One checkpoint file -> {key: tensor} on the CPU, without copying the data into memory."""
+def read_file(path: str | os.PathLike) -> dict:
+    """One checkpoint file -> its contents on the CPU, memory-mapped (tensors stay on disk until touched).
+
+    safetensors, or a torch pickle read with weights_only=True: a checkpoint is data, never code.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
+        raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
             return load_file(str(path), device="cpu")
-        except Exception as e:  # a truncated file raises SafetensorError with a terse message
+        except Exception as e:   # a truncated file raises SafetensorError with a terse message
             raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
     try:
-        # weights_only: a checkpoint is data, never code; mmap: tensors stay on disk until touched
-        sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read pickled checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
-    return sd
+        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if culprit is None:
+            raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            f"{path}: torch.load(weights_only=True) refuses the object {culprit[1]} in this checkpoint. If you "
+            f"trust the file, re-save its plain contents once, e.g. torch.save({{'model': torch.load(p, "
+            f"weights_only=False)['model']}}, p2)") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
 
 
 def iter_checkpoint(path: str | os.PathLike) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
     """Yield (file, state dict) for each shard of a checkpoint, one shard in memory at a time.
 
-    `path` is a file (.safetensors, .bin, .pt, .pth) or an HF model directory holding one of
-    model.safetensors.index.json (+ shards), model.safetensors, pytorch_model.bin.index.json (+ shards),
-    pytorch_model.bin — looked for in that order (Vicuna-13B-v1.1 publishes only the pickled shards).
+    `path` is a file or an HF model folder holding, looked for in this order: model.safetensors.index.json
+    (+ shards), model.safetensors, pytorch_model.bin.index.json (+ shards), pytorch_model.bin (all that
+    Vicuna-13B-v1.1 publishes).
     """
     path = Path(path)
     if path.is_file():
-        yield path, _read_file(path)
+        yield path, read_file(path)
         return
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -89,44 +101,46 @@ def iter_checkpoint(path: str | os.PathLike) -> Iterator[tuple[Path, dict[str, t
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (path / index).is_file():
             try:
-                weight_map = json.loads((path / index).read_text())["weight_map"]
-                shards = sorted(set(weight_map.values()))
+                shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{path / index}: not a valid shard index ({type(e).__name__}: {e})") from None
+                raise CheckpointError(f"{path / index}: not a shard index ({type(e).__name__}: {e})") from None
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise CheckpointError(f"{path / index} names shard(s) that do not exist: {', '.join(missing)}")
             for shard in shards:
-                yield path / shard, _read_file(path / shard)
+                yield path / shard, read_file(path / shard)
             return
         if (path / single).is_file():
-            yield path / single, _read_file(path / single)
+            yield path / single, read_file(path / single)
             return
     raise CheckpointError(f"{path}: no model.safetensors[.index.json] or pytorch_model.bin[.index.json] found")
 
 
-def load_state_dict_into(model: nn.Module, shards: Iterable[tuple[Path | str, dict[str, torch.Tensor]]],
-                         source: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                         device: torch.device | str = "cpu", allow_missing: Iterable[str] = ()) -> None:
-    """Assign the tensors of `shards` to `model`, shard by shard (`source` names the checkpoint in errors).
+def assign_weights(model: nn.Module, shards: Iterable[tuple[object, dict[str, torch.Tensor]]], source,
+                   *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                   allow_missing: Iterable[str] = ()) -> None:
+    """The one key checker and loader: assign the tensors of `shards` ((label, state dict) pairs) to `model`.
 
-    The model may be built on the meta device: each tensor is converted straight to `dtype` (floating
-    tensors only; None keeps the checkpoint's dtype), moved to `device` and assigned in place of the
-    parameter, so a 7B/13B model is never materialised twice nor in fp32. Every key must exist in the
-    model with the same shape and every model key must be loaded (but `allow_missing`); otherwise a
-    CheckpointError lists the keys and names the file.
+    Every key must be one of the model's, with the model's shape, a float tensor for a float parameter;
+    every model key must be loaded (but `allow_missing`); otherwise a CheckpointError names the shard (or
+    `source`, for missing keys) and the keys. Each tensor is cast to `dtype` (floats only; None keeps the
+    checkpoint's), moved to `device` and assigned in place of the parameter: a model built on the meta
+    device is filled without ever holding two copies, or an fp32 copy of a bf16 checkpoint.
     """
     expected = model.state_dict()
     loaded: set[str] = set()
-    for file, sd in shards:
+    for label, sd in shards:
         unexpected = [k for k in sd if k not in expected]
         if unexpected:
-            raise CheckpointError(f"{file}: unexpected key(s) for {type(model).__name__}: {_list_keys(unexpected)}")
+            raise CheckpointError(f"{label}: unexpected key(s) for {type(model).__name__}: {_list_keys(unexpected)}")
         for k, t in sd.items():
             if tuple(t.shape) != tuple(expected[k].shape):
-                raise CheckpointError(f"{file}: key {k} has shape {tuple(t.shape)}, "
+                raise CheckpointError(f"{label}: key {k} has shape {tuple(t.shape)}, "
                                       f"but the model expects {tuple(expected[k].shape)}")
-        sd = {k: t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
+            if expected[k].is_floating_point() and not t.is_floating_point():
+                raise CheckpointError(f"{label}: key {k} holds {t.dtype} values, but the model expects "
+                                      f"floating-point weights")
+        sd = {k: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
               for k, t in sd.items()}
         model.load_state_dict(sd, strict=False, assign=True)
         loaded.update(sd)
@@ -135,12 +149,38 @@ def load_state_dict_into(model: nn.Module, shards: Iterable[tuple[Path | str, di
         raise CheckpointError(f"{source}: missing key(s) for {type(model).__name__}: {_list_keys(missing)}")
 
 
+def read_json(path: str | os.PathLike, hint: str = "") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found{hint}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+class Preset:
+    """`from_name` for the config dataclasses: a copy of an entry of PRESETS (filled in below)."""
+
+    @classmethod
+    def from_name(cls, name: str):
+        cfg = PRESETS.get(name)
+        if not isinstance(cfg, cls):
+            known = [k for k, v in PRESETS.items() if isinstance(v, cls)]
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; known: {', '.join(known)}")
+        return replace(cfg)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())   # a shared parameter counts once
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2. The LLM: one decoder-only network for Llama (Vicuna) and Qwen2
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass
-class LLMConfig:
+class LLMConfig(Preset):
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -155,78 +195,43 @@ class LLMConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False    # both real backbones have an untied lm_head
     max_position_embeddings: int = 4096
-    family: str = "llama"                # "llama" | "qwen2": picks the tokenizer and prompt template
+    family: str = "llama"                # "llama" | "qwen2": picks the prompt template
 
     def __post_init__(self):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.family not in ("llama", "qwen2"):
-            raise ValueError(f"unknown LLM family {self.family!r} (expected 'llama' or 'qwen2')")
-
-    @classmethod
-    def from_name(cls, name: str) -> "LLMConfig":
-        if name not in LLM_PRESETS:
-            raise ValueError(f"unknown LLM preset {name!r}; known: {', '.join(LLM_PRESETS)}")
-        return replace(LLM_PRESETS[name])
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "LLMConfig":
-        """Build from an HF `config.json` dict (Qwen2ForCausalLM or LlamaForCausalLM)."""
-        arch = (cfg.get("architectures") or [None])[0]
-        family = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}.get(arch)
-        if family is None:
-            family = {"qwen2": "qwen2", "llama": "llama"}.get(cfg.get("model_type"))
-        if family is None:
-            raise ValueError(f"{source}: unsupported architecture {arch!r} (model_type "
-                             f"{cfg.get('model_type')!r}); supported: Qwen2ForCausalLM, LlamaForCausalLM")
-        rope = cfg.get("rope_parameters") or {}
-        if (cfg.get("rope_scaling") or {}).get("rope_type", rope.get("rope_type", "default")) not in (None, "default"):
-            raise ValueError(f"{source}: RoPE scaling is not supported (rope_scaling={cfg.get('rope_scaling')})")
-        try:
-            attention_bias = cfg.get("attention_bias", False)
-            return cls(
-                vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-                intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
-                num_attention_heads=cfg["num_attention_heads"],
-                num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                head_dim=cfg.get("head_dim"),
-                rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
-                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                qkv_bias=True if family == "qwen2" else attention_bias,
-                o_bias=False if family == "qwen2" else attention_bias,
-                mlp_bias=cfg.get("mlp_bias", False),
-                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-                family=family)
-        except KeyError as e:
-            raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads or self.family not in ("llama", "qwen2"):
+            raise ValueError(f"LLMConfig: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads}); family {self.family!r} must be "
+                             f"'llama' or 'qwen2'")
 
     @classmethod
     def from_dir(cls, ckpt_dir: str | os.PathLike) -> "LLMConfig":
+        """From an HF `config.json` (Qwen2ForCausalLM or LlamaForCausalLM)."""
         path = Path(ckpt_dir) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found (an LLM checkpoint directory needs its config.json)")
+        cfg = read_json(path, " (an LLM checkpoint folder needs its config.json)")
+        arch = (cfg.get("architectures") or [None])[0]
+        family = ({"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}.get(arch)
+                  or {"qwen2": "qwen2", "llama": "llama"}.get(cfg.get("model_type")))
+        if family is None:
+            raise CheckpointError(f"{path}: unsupported architecture {arch!r} (model_type {cfg.get('model_type')!r});"
+                                  f" supported: Qwen2ForCausalLM, LlamaForCausalLM")
+        rope = cfg.get("rope_parameters") or {}
+        if (cfg.get("rope_scaling") or {}).get("rope_type", rope.get("rope_type", "default")) not in (None, "default"):
+            raise CheckpointError(f"{path}: RoPE scaling is not supported (rope_scaling={cfg.get('rope_scaling')})")
+        bias = cfg.get("attention_bias", False)
         try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
-        return cls.from_hf_config(cfg, source=str(path))
-
-
-LLM_PRESETS = {
-    # Qwen/Qwen2-7B config.json
-    "qwen2-7b": LLMConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                          num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
-                          qkv_bias=True, max_position_embeddings=131072, family="qwen2"),
-    # lmsys/vicuna-13b-v1.1 config.json (a LLaMA-13B fine-tune)
-    "vicuna-13b-v1.1": LLMConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                                 num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
-                                 rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048,
-                                 family="llama"),
-}
+            return cls(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                       intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+                       num_attention_heads=cfg["num_attention_heads"],
+                       num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                       head_dim=cfg.get("head_dim"),
+                       rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                       rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), qkv_bias=family == "qwen2" or bias,
+                       o_bias=family != "qwen2" and bias, mlp_bias=cfg.get("mlp_bias", False),
+                       tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                       max_position_embeddings=cfg.get("max_position_embeddings", 4096), family=family)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: missing field {e.args[0]!r}") from None
 
 
 class RMSNorm(nn.Module):
@@ -315,16 +320,13 @@ class Backbone(nn.Module):
 
 @dataclass
 class LLMOutput:
-    logits: torch.Tensor | None              # (B, T, vocab) or (B, 1, vocab) with logits="last"; None if skipped
+    logits: torch.Tensor | None              # (B, T, vocab), (B, 1, vocab) with logits="last", or None
     hidden_states: dict[int, torch.Tensor]   # layer -> (B, T, hidden): 0 = embeddings, l = output of block l
 
 
 class KVCache:
-    """A static key/value cache: tensors preallocated for `max_len` positions, written in place.
-
-    It also keeps the key padding mask of everything written so far, so a decode step knows which
-    cached positions are padding, and each row's next RoPE position.
-    """
+    """A static key/value cache, preallocated for `max_len` positions and written in place. It also keeps
+    the key padding mask of everything written so far, so a decode step knows which cached keys are padding."""
 
     def __init__(self, cfg: LLMConfig, batch_size: int, max_len: int, device, dtype):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -332,7 +334,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # True = real token
         self.max_len = max_len
-        self.pos = 0              # number of positions written
+        self.pos = 0              # positions written
         self._step = 0            # positions being written by the current forward
 
     def begin(self, new_mask: torch.Tensor) -> None:
@@ -350,28 +352,25 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def end(self) -> None:
-        self.pos += self._step
-        self._step = 0
+        self.pos, self._step = self.pos + self._step, 0
 
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search: row i of the cache becomes row index[i]."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
         self.key_mask = self.key_mask.index_select(0, index)
 
 
 def _attention_mask(key_mask: torch.Tensor, q_start: int) -> torch.Tensor:
     """key_mask (B, S) of real keys -> boolean SDPA mask (B, 1, T, S) for queries at q_start..S-1.
 
-    Query i may see key j iff j is a real token and j <= q_start + i (causal). A padding query would
-    then see no key at all and SDPA would return NaN, which would leak through 0·NaN into the real
-    rows; so every query also sees itself. Padding outputs are garbage by design and never read.
+    Query i sees key j iff j is real and j <= q_start + i (causal). A padding query would then see no key
+    and SDPA would return NaN, which leaks through 0·NaN into the real rows; so every query also sees
+    itself. Padding outputs are garbage by design and never read.
     """
     S = key_mask.shape[1]
     q_pos = torch.arange(q_start, S, device=key_mask.device)[:, None]    # (T, 1)
     k_pos = torch.arange(S, device=key_mask.device)[None, :]             # (1, S)
-    allowed = (k_pos <= q_pos) & key_mask[:, None, :]                    # (B, T, S)
-    allowed = allowed | (k_pos == q_pos)
+    allowed = ((k_pos <= q_pos) & key_mask[:, None, :]) | (k_pos == q_pos)  # (B, T, S)
     return allowed[:, None]
 
 
@@ -391,34 +390,31 @@ class LLM(nn.Module):
                 output_layers: Sequence[int] = (), logits: str | None = "all") -> LLMOutput:
         """Run the LLM on input_ids (B, T) or inputs_embeds (B, T, hidden).
 
-        attention_mask (B, T): 1 for real tokens, 0 for padding (left or right); None = no padding.
+        attention_mask (B, T): 1 on real tokens, 0 on padding (left or right); None = no padding.
         cache: a KVCache to read past keys from and write this call's keys into (generation).
         output_layers: residual-stream layers to return (0 = embedding output, l = output of block l,
-            before the final norm). logits: "all", "last" (only the last position) or None. With
-            logits=None the forward stops after the highest requested layer: the blocks above it and
-            the lm_head are never computed (the joint stage's text pass needs only layers 0..max(I)).
+            before the final norm). logits: "all", "last" (the last position only) or None, in which case
+            the forward stops after the highest requested layer (the joint stage's text pass needs only
+            layers 0..max(I)): the blocks above it and the lm_head never run.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cfg = self.config
         layers = sorted(set(output_layers))
-        if layers and not 0 <= layers[0] <= layers[-1] <= cfg.num_hidden_layers:
-            raise ValueError(f"output_layers must lie in [0, {cfg.num_hidden_layers}], got {list(output_layers)}")
-        if logits not in ("all", "last", None):
-            raise ValueError(f"logits must be 'all', 'last' or None, got {logits!r}")
+        if (input_ids is None) == (inputs_embeds is None) or logits not in ("all", "last", None) or (
+                layers and not 0 <= layers[0] <= layers[-1] <= cfg.num_hidden_layers):
+            raise ValueError(f"LLM.forward: pass exactly one of input_ids and inputs_embeds, logits in "
+                             f"('all', 'last', None) (got {logits!r}), and output_layers within "
+                             f"[0, {cfg.num_hidden_layers}] (got {list(output_layers)})")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds   # (B, T, C)
         B, T, _ = x.shape
 
         # positions count real tokens only, so a left-padded row starts at position 0 like an unpadded one
         new_mask = (torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None
                     else attention_mask.to(device=x.device, dtype=torch.bool))
+        start = 0 if cache is None else cache.pos
         if cache is not None:
             cache.begin(new_mask)
-            key_mask = cache.key_mask[:, :cache.pos + T]          # (B, S) every key this call attends to
-            start = cache.pos
-        else:
-            key_mask, start = new_mask, 0
-        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]   # (B, T)
+        key_mask = new_mask if cache is None else cache.key_mask[:, :start + T]   # (B, S) every key seen
+        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]       # (B, T)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         padded = attention_mask is not None or (cache is not None and not bool(cache.key_mask[:, :start].all()))
         if not padded and (start == 0 or T == 1):
@@ -435,39 +431,28 @@ class LLM(nn.Module):
                 hidden[i + 1] = x
         if cache is not None:
             cache.end()
-        out = None
-        if logits is not None:
-            h = self.model.norm(x if logits == "all" else x[:, -1:])
-            out = self.lm_head(h)
+        out = None if logits is None else self.lm_head(self.model.norm(x if logits == "all" else x[:, -1:]))
         return LLMOutput(logits=out, hidden_states=hidden)
 
-    # ------------------------------------------------------------------ building and loading
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
                         device: torch.device | str = "cpu") -> "LLM":
-        """Load an HF Qwen2 / Llama checkpoint directory (config.json + weights in any published format).
-
-        Built on the meta device and filled by assignment, so memory holds one copy, in `dtype`.
-        """
+        """Load an HF Qwen2 / Llama folder (config.json + weights in any published format), in `dtype`."""
         cfg = LLMConfig.from_dir(ckpt_dir)
         with torch.device("meta"):
             model = cls(cfg)
-
-        def shards():
-            for file, sd in iter_checkpoint(ckpt_dir):
-                # old Llama checkpoints carry RoPE's inverse frequencies; we compute them instead
-                yield file, {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-
-        load_state_dict_into(model, shards(), ckpt_dir, dtype=dtype, device=device,
-                             allow_missing=["lm_head.weight"] if cfg.tie_word_embeddings else ())
+        # old Llama checkpoints carry RoPE's inverse frequencies; we compute them instead
+        shards = ((f, {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")})
+                  for f, sd in iter_checkpoint(ckpt_dir))
+        assign_weights(model, shards, ckpt_dir, dtype=dtype, device=device,
+                       allow_missing=["lm_head.weight"] if cfg.tie_word_embeddings else ())
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return _count(self)
 
-    # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 200, num_beams: int = 1,
@@ -476,46 +461,43 @@ class LLM(nn.Module):
         """Greedy (num_beams=1) or beam-search decoding with the KV cache, batched.
 
         Prompts of different lengths are LEFT-padded: input_ids (B, T) or inputs_embeds (B, T, hidden),
-        attention_mask (B, T) with 0 on the padding. Each row stops at its own EOS. Returns, per row,
-        the new token ids without the EOS. Beam search follows HF transformers' semantics (scores are
-        sums of log-probabilities; a finished hypothesis is scored sum / generated_len ** length_penalty,
-        the EOS counted; a row ends once no running beam can beat its worst kept hypothesis).
+        attention_mask (B, T) 0 on padding. Each row stops at its own EOS. Returns the new token ids of each
+        row, without the EOS. Beam search follows HF transformers: scores are sums of log-probabilities; a
+        finished hypothesis scores sum / generated_len ** length_penalty (the EOS counted); a row ends
+        once no running beam can beat its worst kept hypothesis.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        eos = ([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
-               else list(eos_token_id))
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         prompt = input_ids if inputs_embeds is None else inputs_embeds
         B, T = prompt.shape[:2]
         device = prompt.device
         mask = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
                 else attention_mask.to(device=device, dtype=torch.bool))
-        if attention_mask is not None and bool(mask[:, -1].logical_not().any()):
+        if not bool(mask[:, -1].all()):
             raise ValueError("generate() needs LEFT-padded prompts: attention_mask[:, -1] must be 1 for every row")
-        if num_beams > 1:
-            # every beam starts as a copy of its prompt
-            prompt = prompt.repeat_interleave(num_beams, dim=0)
-            mask = mask.repeat_interleave(num_beams, dim=0)
-        dtype = self.model.embed_tokens.weight.dtype
-        cache = KVCache(self.config, prompt.shape[0], T + max_new_tokens, device, dtype)
+        if num_beams > 1:   # every beam starts as a copy of its prompt
+            prompt, mask = prompt.repeat_interleave(num_beams, dim=0), mask.repeat_interleave(num_beams, dim=0)
+        cache = KVCache(self.config, prompt.shape[0], T + max_new_tokens, device, self.model.embed_tokens.weight.dtype)
         kw = {"input_ids": prompt} if inputs_embeds is None else {"inputs_embeds": prompt}
-        logits = self(**kw, attention_mask=None if attention_mask is None else mask, cache=cache,
-                      logits="last").logits[:, -1]
+        padded = attention_mask is not None
+        logits = self(**kw, attention_mask=mask if padded else None, cache=cache, logits="last").logits[:, -1]
         step_mask = torch.ones(prompt.shape[0], 1, dtype=torch.bool, device=device)
 
         def step(tokens):  # tokens (rows,) -> next logits (rows, vocab)
-            return self(input_ids=tokens[:, None], attention_mask=None if attention_mask is None else step_mask,
-                        cache=cache, logits="last").logits[:, -1]
+            return self(input_ids=tokens[:, None], attention_mask=step_mask if padded else None, cache=cache,
+                        logits="last").logits[:, -1]
 
         if num_beams == 1:
             return _greedy(logits, step, eos, max_new_tokens)
         return _beam_search(logits, step, cache, eos, B, num_beams, max_new_tokens, length_penalty)
 
 
+def _cut_at_eos(row: list[int], eos: list[int]) -> list[int]:
+    return next((row[:i] for i, t in enumerate(row) if t in eos), row)
+
+
 def _greedy(logits, step, eos: list[int], max_new_tokens: int) -> list[list[int]]:
-    B = logits.shape[0]
     eos_t = torch.tensor(eos, device=logits.device, dtype=torch.long)
-    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     out = []
     for t in range(max_new_tokens):
         tok = logits.float().argmax(-1)                           # (B,)
@@ -524,15 +506,7 @@ def _greedy(logits, step, eos: list[int], max_new_tokens: int) -> list[list[int]
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         logits = step(tok)
-    tokens = torch.stack(out, 1).tolist()
-    return [_cut_at_eos(row, eos) for row in tokens]
-
-
-def _cut_at_eos(row: list[int], eos: list[int]) -> list[int]:
-    for i, t in enumerate(row):
-        if t in eos:
-            return row[:i]
-    return row
+    return [_cut_at_eos(row, eos) for row in torch.stack(out, 1).tolist()]
 
 
 def _beam_search(logits, step, cache: KVCache, eos: list[int], B: int, K: int, max_new_tokens: int,
@@ -573,8 +547,7 @@ def _beam_search(logits, step, cache: KVCache, eos: list[int], B: int, K: int, m
         eligible = ends & (torch.arange(2 * K, device=device) < K) & open_rows[:, None]
         cand = torch.where(eligible, cand, cand + NEG)   # NEG is added, as HF does, keeping the order of ties
         all_scores = torch.cat([fin_scores, cand], dim=1)                    # (B, 3K)
-        padded = F.pad(seqs, (0, max_new_tokens - t - 1))
-        all_tokens = torch.cat([fin_tokens, padded], dim=1)
+        all_tokens = torch.cat([fin_tokens, F.pad(seqs, (0, max_new_tokens - t - 1))], dim=1)
         all_len = torch.cat([fin_len, torch.full_like(cand, t + 1, dtype=torch.long)], dim=1)
         all_filled = torch.cat([fin_filled, eligible], dim=1)
         best = all_scores.topk(K, dim=-1).indices
@@ -586,59 +559,49 @@ def _beam_search(logits, step, cache: KVCache, eos: list[int], B: int, K: int, m
         open_rows = open_rows & (run_scores[:, :1] / ((t + 1) ** length_penalty) > worst).any(dim=1)
         if not bool(open_rows.any()) or t == max_new_tokens - 1:
             break
-        rows = (next_beam + torch.arange(B, device=device)[:, None] * K).view(-1)
-        cache.reorder(rows)
+        cache.reorder((next_beam + torch.arange(B, device=device)[:, None] * K).view(-1))
         logits = step(running[:, :, -1].reshape(-1))
     best_tokens, best_len = fin_tokens[:, 0].tolist(), fin_len[:, 0].tolist()
     return [_cut_at_eos(row[:n], eos) for row, n in zip(best_tokens, best_len)]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Tokenizers: Qwen2 (byte-level BPE, `tokenizers`) and Vicuna (SentencePiece), one small interface
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------ tokenizers
 
-class Tokenizer(ABC):
-    """encode / decode and the special ids, read from the tokenizer files (never from config.json,
-    whose bos/eos are wrong for Vicuna-13B-v1.1)."""
-
+class Tokenizer:
+    """The interface of both tokenizers: bos_id (None for Qwen2), eos_id, pad_id, read from the tokenizer files
+    (never from config.json, whose bos/eos are wrong for Vicuna-13B-v1.1); encode(text, bos=False) -> ids
+    (special-token strings become their ids); decode(ids) -> text (special tokens skipped); token_id(token)."""
     bos_id: int | None
     eos_id: int
     pad_id: int
-
-    @abstractmethod
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        """text -> ids; special-token strings in the text become their ids; BOS first if `bos` and defined."""
-
-    @abstractmethod
-    def decode(self, ids: Sequence[int]) -> str:
-        """ids -> text, special tokens skipped."""
-
-    @abstractmethod
-    def token_id(self, token: str) -> int:
-        """The id of one token string; an error if it is not in the vocabulary."""
 
 
 class BPETokenizer(Tokenizer):
     """Qwen2: byte-level BPE from `tokenizer.json`; no BOS; `<|endoftext|>` ends and pads."""
 
-    def __init__(self, path: str | os.PathLike, eos: str | None = None, pad: str | None = None):
+    def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer as HFTokenizer
-        path = Path(path)
+        self.path = Path(path)
         try:
-            self.tok = HFTokenizer.from_file(str(path))
+            self.tok = HFTokenizer.from_file(str(self.path))
         except Exception as e:
-            raise ValueError(f"{path}: cannot read tokenizer ({e})") from None
-        special = _special_tokens(path.parent)
-        eos = eos or special.get("eos_token") or "<|endoftext|>"
-        pad = pad or special.get("pad_token") or eos
-        self.bos_id = None
-        self.eos_id, self.pad_id = self.token_id(eos), self.token_id(pad)
-        self.path = path
+            raise CheckpointError(f"{self.path}: cannot read tokenizer ({e})") from None
+        special = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):   # the later file wins
+            f = self.path.parent / name
+            cfg = read_json(f) if f.is_file() else {}
+            for key in ("eos_token", "pad_token"):
+                v = cfg.get(key)
+                v = v.get("content") if isinstance(v, dict) else v
+                if isinstance(v, str):
+                    special[key] = v
+        eos = special.get("eos_token", "<|endoftext|>")
+        self.bos_id, self.eos_id, self.pad_id = None, self.token_id(eos), self.token_id(special.get("pad_token", eos))
 
     def token_id(self, token: str) -> int:
         i = self.tok.token_to_id(token)
         if i is None:
-            raise ValueError(f"{getattr(self, 'path', 'tokenizer')}: token {token!r} is not in the vocabulary")
+            raise ValueError(f"{self.path}: token {token!r} is not in the vocabulary")
         return i
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
@@ -651,23 +614,20 @@ class BPETokenizer(Tokenizer):
 class SentencePieceTokenizer(Tokenizer):
     """Vicuna / Llama: SentencePiece `tokenizer.model`; `<unk>`=0, `<s>`=1, `</s>`=2.
 
-    The model has no pad piece. Padding positions are always masked out of attention and loss, so any
-    in-vocabulary id works: we use `<unk>` (SALMONN adds a `[PAD]` = 32000, outside the embedding).
+    The model has no pad piece. Padding is always masked out of attention and loss, so any id works: we
+    use `<unk>` (SALMONN adds a `[PAD]` = 32000, outside the embedding).
     """
 
     def __init__(self, path: str | os.PathLike):
         import sentencepiece as spm
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found")
+        self.path = Path(path)
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(str(path))
+            self.sp.Load(str(self.path))
         except Exception as e:
-            raise ValueError(f"{path}: cannot read SentencePiece model ({e})") from None
+            raise CheckpointError(f"{self.path}: cannot read SentencePiece model ({e})") from None
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
-        self.path = path
 
     def token_id(self, token: str) -> int:
         i = self.sp.piece_to_id(token)
@@ -682,88 +642,92 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode([int(i) for i in ids if i not in (self.bos_id, self.eos_id)])
 
 
-def _special_tokens(ckpt_dir: Path) -> dict[str, str]:
-    """bos/eos/pad token strings from tokenizer_config.json (or special_tokens_map.json), if present."""
-    out = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        f = ckpt_dir / name
-        if f.is_file():
-            try:
-                cfg = json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: invalid JSON ({e})") from None
-            for key in ("bos_token", "eos_token", "pad_token"):
-                v = cfg.get(key)
-                if isinstance(v, dict):
-                    v = v.get("content")
-                if isinstance(v, str):
-                    out[key] = v
-    return out
-
-
 def load_tokenizer(ckpt_dir: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of an LLM checkpoint directory: tokenizer.json (BPE) or tokenizer.model (SentencePiece)."""
+    """The tokenizer of an LLM folder: tokenizer.model (SentencePiece) or tokenizer.json (BPE)."""
     d = Path(ckpt_dir)
     if (d / "tokenizer.model").is_file():
         return SentencePieceTokenizer(d / "tokenizer.model")
     if (d / "tokenizer.json").is_file():
         return BPETokenizer(d / "tokenizer.json")
-    raise FileNotFoundError(f"{d}: no tokenizer.model (SentencePiece) or tokenizer.json (BPE) found")
+    raise CheckpointError(f"{d}: no tokenizer.model (SentencePiece) or tokenizer.json (BPE) found")
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The ears: Whisper encoder and BEATs
+# 3. The ears: Whisper encoder and BEATs, frozen
 # ----------------------------------------------------------------------------------------------------
 #
-# Both encoders are frozen feature extractors. They always run as in eval mode (their `train()` is a
-# no-op, so a parent's `model.train()` cannot switch dropout back on, as it silently did for BEATs in
-# SALMONN) and their parameters never require grad. Neither implements dropout at all.
+# Both are transformer encoders with fairseq's names (self_attn.{q,k,v,out}_proj, self_attn_layer_norm, fc1,
+# fc2, final_layer_norm), so they share one attention and one layer. Both are built frozen (no parameter
+# requires grad) and have no dropout, so train() and eval() compute the same thing.
 #
-# Quirks worth knowing before reading the code:
-#   - Whisper: the key projection has no bias; the sinusoidal positions are a stored weight; HF accepts
-#     exactly 2·max_source_positions = 3000 mel frames (30 s) and so do we (allow_short is opt-in).
-#   - BEATs is post-LN with deep norm: x = LN(α·x + f(x)), α = (2·layers)^(1/4); the encoder LayerNorm
-#     comes BEFORE the layers (layer_norm_first=False).
-#   - One relative-position table (T5 buckets) is owned by layer 0 and shared by every layer; each layer
-#     scales it per query by a learnt gate (gru_rel_pos). The checkpoint repeats the table under each layer.
-#   - The positional conv is weight-normalised in the checkpoint (weight_g, weight_v): folded at load time.
+# Quirks worth knowing:
+#   - Whisper: pre-LN; the key projection has no bias; the sinusoidal positions are a stored weight; HF
+#     accepts exactly 2·max_source_positions = 3000 mel frames (30 s) and so do we (allow_short opts out).
+#   - BEATs: post-LN with deep norm, x = LN(α·x + f(x)), α = (2·layers)^(1/4); the encoder LayerNorm comes
+#     BEFORE the layers (layer_norm_first=False); its GELU is evaluated in float32.
+#   - BEATs: one relative-position table (T5 buckets) owned by layer 0 and shared by every layer; each
+#     layer scales it per query by a learnt gate (gru_rel_pos). The checkpoint repeats it under each layer.
+#   - BEATs: the positional conv is weight-normalised in the checkpoint (weight_g, weight_v): folded at load.
 #   - BEATs takes its padding mask at the waveform level and reduces it twice (frames, then patches).
 
-class FrozenEncoder(nn.Module):
-    """Base of the two frozen encoders: always in eval mode, no parameter requires grad."""
+class EncoderAttention(nn.Module):
+    """Multi-head self-attention, q/k/v/out projections; `bias` (B or 1, nh, T, T) is added to the scores."""
 
-    def train(self, mode: bool = True) -> "FrozenEncoder":
-        return super().train(False)
+    def __init__(self, d: int, n_head: int, k_bias: bool = True):
+        super().__init__()
+        self.n_head = n_head
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d, bias=k_bias)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
 
-    def freeze(self) -> "FrozenEncoder":
-        self.requires_grad_(False)
-        return self.train(False)
+    def qkv(self, x: torch.Tensor):
+        B, T, _ = x.shape
+        return [p(x).view(B, T, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)]
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())   # parameters() counts a shared module once
+    def attend(self, q, k, v, bias=None) -> torch.Tensor:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)           # (B, nh, T, hd), scale hd^-0.5
+        B, _, T, _ = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(*self.qkv(x))
 
 
-def _strip_prefix_shards(path, prefixes: Sequence[str]):
-    """Yield (label, {key without prefix: tensor}) per shard of `path`, keeping only keys under a prefix.
+class EncoderLayer(nn.Module):
+    """fc1/fc2 feed-forward with GELU around an attention: pre-LN (Whisper) or post-LN with the residual
+    scaled by `deep_norm_alpha` (BEATs; 1 without deep norm)."""
 
-    The label names the file and the prefix, so that a loader error reads `.../model.safetensors
-    [model.encoder.*]: key layers.0.fc1.weight has shape ...`.
-    """
-    for file, sd in iter_checkpoint(path):
-        out, used = {}, set()
-        for k, t in sd.items():
-            for p in prefixes:
-                if k.startswith(p):
-                    out[k[len(p):]] = t
-                    used.add(p)
-                    break
-        yield f"{file} [{', '.join(p + '*' for p in sorted(used)) or 'no encoder keys'}]", out
+    def __init__(self, attn: nn.Module, d: int, ffn: int, pre_ln: bool, alpha: float = 1.0, gelu_fp32: bool = False):
+        super().__init__()
+        self.self_attn = attn
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, ffn)
+        self.fc2 = nn.Linear(ffn, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.pre_ln, self.deep_norm_alpha, self.gelu_fp32 = pre_ln, alpha, gelu_fp32
+
+    def ffn(self, x):
+        h = self.fc1(x)
+        return self.fc2(F.gelu(h.float()).type_as(h) if self.gelu_fp32 else F.gelu(h))
+
+    def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.self_attn(self.self_attn_layer_norm(x), *attn_args)
+            return x + self.ffn(self.final_layer_norm(x))
+        a = self.deep_norm_alpha
+        x = self.self_attn_layer_norm(x * a + self.self_attn(x, *attn_args))
+        return self.final_layer_norm(x * a + self.ffn(x))
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    return module.requires_grad_(False).eval()
 
 
 # ------------------------------------------------------------------ Whisper encoder
 
 @dataclass
-class WhisperEncoderConfig:
+class WhisperEncoderConfig(Preset):
     d_model: int = 1280
     encoder_layers: int = 32
     encoder_attention_heads: int = 20
@@ -771,104 +735,32 @@ class WhisperEncoderConfig:
     num_mel_bins: int = 80
     max_source_positions: int = 1500     # output frames; the input is 2x as many mel frames (30 s)
 
-    def __post_init__(self):
-        if self.d_model % self.encoder_attention_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be a multiple of encoder_attention_heads "
-                             f"({self.encoder_attention_heads})")
-
     @property
     def n_frames(self) -> int:
         """Mel frames the encoder takes: conv2 has stride 2, so 2 per output position (3000 = 30 s)."""
         return 2 * self.max_source_positions
 
     @classmethod
-    def from_name(cls, name: str) -> "WhisperEncoderConfig":
-        if name not in WHISPER_PRESETS:
-            raise ValueError(f"unknown Whisper preset {name!r}; known: {', '.join(WHISPER_PRESETS)}")
-        return replace(WHISPER_PRESETS[name])
-
-    @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "WhisperEncoderConfig":
         """The encoder's part of an HF WhisperConfig dict (config.json of openai/whisper-*)."""
-        if cfg.get("activation_function", "gelu") != "gelu":
-            raise ValueError(f"{source}: activation_function {cfg['activation_function']!r} is not supported (gelu)")
-        if cfg.get("scale_embedding", False):
-            raise ValueError(f"{source}: scale_embedding=True is not supported")
+        if cfg.get("activation_function", "gelu") != "gelu" or cfg.get("scale_embedding", False):
+            raise CheckpointError(f"{source}: only activation_function='gelu' without scale_embedding is supported")
         try:
-            return cls(d_model=cfg["d_model"], encoder_layers=cfg["encoder_layers"],
-                       encoder_attention_heads=cfg["encoder_attention_heads"],
-                       encoder_ffn_dim=cfg["encoder_ffn_dim"], num_mel_bins=cfg["num_mel_bins"],
-                       max_source_positions=cfg["max_source_positions"])
+            return cls(**{k: cfg[k] for k in cls.__dataclass_fields__})
         except KeyError as e:
-            raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
-
-    @classmethod
-    def from_dir(cls, ckpt_dir: str | os.PathLike) -> "WhisperEncoderConfig":
-        path = Path(ckpt_dir) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found (pass config= to from_pretrained, "
-                                    f"e.g. config='whisper-large-v2')")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
-        return cls.from_hf_config(cfg, source=str(path))
-
-
-WHISPER_PRESETS = {
-    # openai/whisper-large-v2 config.json (encoder part)
-    "whisper-large-v2": WhisperEncoderConfig(d_model=1280, encoder_layers=32, encoder_attention_heads=20,
-                                             encoder_ffn_dim=5120, num_mel_bins=80, max_source_positions=1500),
-}
+            raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
     """Whisper's positional table (length, channels): sin on the first half of channels, cos on the second."""
-    assert channels % 2 == 0, f"channels must be even, got {channels}"
     log_timescale_increment = math.log(max_timescale) / (channels // 2 - 1)
     inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2, dtype=torch.float))
     scaled_time = torch.arange(length, dtype=torch.float)[:, None] * inv_timescales[None, :]
     return torch.cat([scaled_time.sin(), scaled_time.cos()], dim=1)
 
 
-class WhisperSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model, bias=False)   # Whisper's key projection has no bias
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)      # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v)                          # (B, nh, T, hd), scale hd^-0.5
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class WhisperEncoderLayer(nn.Module):
-    def __init__(self, cfg: WhisperEncoderConfig):
-        super().__init__()
-        self.self_attn = WhisperSelfAttention(cfg.d_model, cfg.encoder_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
-        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x))                  # pre-LN
-        x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
-        if x.dtype == torch.float16:   # HF clamps fp16 activations after every layer; so do we, for parity
-            big = torch.finfo(torch.float16).max - 1000
-            x = x.clamp(-big, big)
-        return x
-
-
-class WhisperEncoder(FrozenEncoder):
-    """The encoder of Whisper with HF's module names: `model.encoder.<key>` in the checkpoint is `<key>` here."""
+class WhisperEncoder(nn.Module):
+    """Whisper's encoder with HF's module names: `model.encoder.<key>` in the checkpoint is `<key>` here."""
 
     def __init__(self, cfg: WhisperEncoderConfig):
         super().__init__()
@@ -878,34 +770,33 @@ class WhisperEncoder(FrozenEncoder):
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         # sinusoidal and never trained, but stored in the checkpoint as a weight: loaded, not recomputed
         self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
-        self.layers = nn.ModuleList(WhisperEncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.layers = nn.ModuleList(
+            EncoderLayer(EncoderAttention(d, cfg.encoder_attention_heads, k_bias=False), d, cfg.encoder_ffn_dim,
+                         pre_ln=True) for _ in range(cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(d)
         if not self.embed_positions.weight.is_meta:      # built from scratch: Whisper's own table
             with torch.no_grad():
                 self.embed_positions.weight.copy_(sinusoids(cfg.max_source_positions, d))
-        self.freeze()
+        _frozen(self)
 
     def forward(self, mel: torch.Tensor, allow_short: bool = False) -> torch.Tensor:
-        """Log-mel (B, n_mels, 3000) -> hidden states (B, 1500, d_model) at 50 Hz.
+        """Log-mel (B, n_mels, n_frames) -> hidden states (B, n_frames / 2, d_model) at 50 Hz.
 
         Whisper is trained on exactly 30 s (3000 frames, shorter audio padded) and HF rejects any other
-        length. allow_short=True accepts T < 3000 frames and returns (B, ceil(T/2), d_model) using only
-        the first ceil(T/2) positions: faster, but NOT equal to the first frames of the 30-s output
-        (attention then sees no padding frames), so not what SALMONN / AI-STA computed.
+        length. allow_short=True accepts T < n_frames and returns (B, ceil(T/2), d_model) from the first
+        positions only: faster, but NOT the first frames of the 30-s output (attention then sees no padding
+        frames), so not what SALMONN / AI-STA computed.
         """
         cfg = self.config
-        if mel.dim() != 3 or mel.shape[1] != cfg.num_mel_bins:
-            raise ValueError(f"Whisper encoder expects log-mel of shape (B, {cfg.num_mel_bins}, {cfg.n_frames}), "
-                             f"got {tuple(mel.shape)}")
-        T = mel.shape[2]
-        if T != cfg.n_frames and not (allow_short and 0 < T < cfg.n_frames):
-            raise ValueError(f"Whisper encoder expects exactly {cfg.n_frames} mel frames (30 s, pad shorter "
-                             f"audio), got {T}" + ("" if T < cfg.n_frames else " (longer input is never allowed)")
-                             + ("" if allow_short or T > cfg.n_frames else "; allow_short=True accepts fewer"))
-        x = mel.to(self.conv1.weight.dtype)
-        x = F.gelu(self.conv1(x))                                             # (B, d, T)
-        x = F.gelu(self.conv2(x))                                             # (B, d, T/2)
-        x = x.transpose(1, 2)                                                 # (B, T/2, d)
+        T = mel.shape[-1]
+        if mel.dim() != 3 or mel.shape[1] != cfg.num_mel_bins or not (
+                T == cfg.n_frames or (allow_short and 0 < T < cfg.n_frames)):
+            raise ValueError(f"Whisper encoder expects log-mel of shape (B, {cfg.num_mel_bins}, {cfg.n_frames}), got "
+                             f"{tuple(mel.shape)}: exactly {cfg.n_frames} mel frames (pad shorter audio), got {T}"
+                             + (" (longer input is never allowed)" if T > cfg.n_frames else
+                                "" if allow_short else "; allow_short=True accepts fewer"))
+        x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))             # (B, d, T)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)                           # (B, T/2, d)
         x = x + self.embed_positions.weight[:x.shape[1]]
         for layer in self.layers:
             x = layer(x)
@@ -915,23 +806,33 @@ class WhisperEncoder(FrozenEncoder):
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
                         device: torch.device | str = "cpu",
                         config: WhisperEncoderConfig | str | None = None) -> "WhisperEncoder":
-        """Load the encoder from an HF Whisper checkpoint: a directory (config.json + model.safetensors or
-        any format `iter_checkpoint` reads) or a weights file (its directory's config.json is used unless
-        `config` — a WhisperEncoderConfig or a preset name — is given).
-
-        Keys under `model.encoder.` (WhisperForConditionalGeneration, openai/whisper-*) or `encoder.`
-        (a saved WhisperModel) are loaded with the prefix stripped; decoder keys and `proj_out` are ignored.
-        """
+        """The encoder of an HF Whisper checkpoint: a folder (config.json + weights in any format
+        `iter_checkpoint` reads) or a weights file (its folder's config.json, unless `config`, a
+        WhisperEncoderConfig or a preset name, is given). Keys under `model.encoder.`
+        (WhisperForConditionalGeneration) or `encoder.` (WhisperModel) are loaded; the rest is ignored."""
         path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file or directory (a Whisper checkpoint folder or weights file)")
         if isinstance(config, str):
             config = WhisperEncoderConfig.from_name(config)
         if config is None:
-            config = WhisperEncoderConfig.from_dir(path if path.is_dir() else path.parent)
+            f = (path if path.is_dir() else path.parent) / "config.json"
+            config = WhisperEncoderConfig.from_hf_config(
+                read_json(f, " (pass config= to from_pretrained, e.g. config='whisper-large-v2')"), str(f))
         with torch.device("meta"):
             model = cls(config)
-        load_state_dict_into(model, _strip_prefix_shards(path, ("model.encoder.", "encoder.")), path,
-                             dtype=dtype, device=device)
-        return model.freeze()
+
+        def encoder_keys():   # label each shard with the prefix it used, for error messages
+            for file, sd in iter_checkpoint(path):
+                prefix = next((p for p in ("model.encoder.", "encoder.") if any(k.startswith(p) for k in sd)), None)
+                yield (f"{file} [{prefix or 'no encoder keys'}*]",
+                       {k[len(prefix):]: v for k, v in sd.items() if prefix and k.startswith(prefix)})
+
+        assign_weights(model, encoder_keys(), path, dtype=dtype, device=device)
+        return _frozen(model)
+
+    def num_parameters(self) -> int:
+        return _count(self)
 
 
 # ------------------------------------------------------------------ BEATs
@@ -940,10 +841,9 @@ BEATS_N_MELS = 128          # Kaldi fbank bins of the official preprocess (compu
 
 
 @dataclass
-class BEATsConfig:
-    """Names and defaults are those of the official BEATsConfig, so a checkpoint's `cfg` dict means here what
-    it means there (a field it omits takes the official default). Its training-only fields (dropouts,
-    layerdrop, layer-wise gradient decay, the AudioSet predictor) are ignored: the encoder is frozen."""
+class BEATsConfig(Preset):
+    """The official BEATsConfig's names and defaults, so a checkpoint's `cfg` dict means here what it means
+    there. Its training-only fields (dropouts, layerdrop, the AudioSet predictor) are ignored: BEATs is frozen."""
     input_patch_size: int = -1           # -1 in the official defaults: every checkpoint sets it (16)
     embed_dim: int = 512                 # patch embedding width
     conv_bias: bool = False
@@ -963,43 +863,23 @@ class BEATsConfig:
 
     def __post_init__(self):
         # what this implementation covers (and is tested against): the iter3 / iter3+ networks
-        supported = dict(activation_fn="gelu", layer_norm_first=False, relative_position_embedding=True,
-                         gru_rel_pos=True)
-        for k, v in supported.items():
+        for k, v in dict(activation_fn="gelu", layer_norm_first=False, relative_position_embedding=True,
+                         gru_rel_pos=True).items():
             if getattr(self, k) != v:
                 raise ValueError(f"BEATs cfg {k}={getattr(self, k)!r} is not supported (only {k}={v!r}, "
                                  f"as in the iter3 / iter3+ checkpoints)")
         if self.input_patch_size <= 0:
             raise ValueError(f"BEATs cfg input_patch_size={self.input_patch_size} (the checkpoint's cfg must set it)")
-        if self.encoder_embed_dim % self.encoder_attention_heads:
-            raise ValueError(f"encoder_embed_dim ({self.encoder_embed_dim}) must be a multiple of "
-                             f"encoder_attention_heads ({self.encoder_attention_heads})")
-
-    @classmethod
-    def from_name(cls, name: str) -> "BEATsConfig":
-        if name not in BEATS_PRESETS:
-            raise ValueError(f"unknown BEATs preset {name!r}; known: {', '.join(BEATS_PRESETS)}")
-        return replace(BEATS_PRESETS[name])
 
     @classmethod
     def from_checkpoint_cfg(cls, cfg: dict, source: str = "cfg") -> "BEATsConfig":
-        """From the `cfg` dict of an official checkpoint; fields this network does not use are ignored."""
+        """From the `cfg` dict of an official checkpoint; the fields this network does not use are ignored."""
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{source}: expected a dict, found {type(cfg).__name__}")
         try:
             return cls(**{k: v for k, v in cfg.items() if k in cls.__dataclass_fields__})
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise CheckpointError(f"{source}: {e}") from None
-
-
-BEATS_PRESETS = {
-    # BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt, ckpt['cfg'] (the audio encoder of SALMONN / AI-STA)
-    "beats-iter3-plus-as2m-cpt2": BEATsConfig(
-        input_patch_size=16, embed_dim=512, conv_bias=False, encoder_layers=12, encoder_embed_dim=768,
-        encoder_ffn_embed_dim=3072, encoder_attention_heads=12, layer_norm_first=False, deep_norm=True,
-        conv_pos=128, conv_pos_groups=16, relative_position_embedding=True, num_buckets=320, max_distance=800,
-        gru_rel_pos=True),
-}
 
 
 def relative_position_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -1022,61 +902,33 @@ def _reduce_padding_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
     """(B, L) -> (B, n), as the official `forward_padding_mask`: drop the last L mod n columns, cut the rest
     into n runs of L // n, and call a run padding iff all its columns are."""
     B, L = mask.shape
-    mask = mask[:, :L - L % n]
-    return mask.reshape(B, n, -1).all(-1)
+    return mask[:, :L - L % n].reshape(B, n, -1).all(-1)
 
 
-class BEATsSelfAttention(nn.Module):
+class BEATsAttention(EncoderAttention):
+    """Self-attention with BEATs' gated relative position bias (gru_rel_pos)."""
+
     def __init__(self, cfg: BEATsConfig, owns_relative_bias: bool):
-        super().__init__()
         E, H = cfg.encoder_embed_dim, cfg.encoder_attention_heads
-        self.n_head = H
-        self.q_proj = nn.Linear(E, E)
-        self.k_proj = nn.Linear(E, E)
-        self.v_proj = nn.Linear(E, E)
-        self.out_proj = nn.Linear(E, E)
-        # gated relative position bias (gru_rel_pos): 8 outputs per head from the query, see forward
-        self.grep_linear = nn.Linear(E // H, 8)
+        super().__init__(E, H)
+        self.grep_linear = nn.Linear(E // H, 8)   # 8 outputs per head from the query: two gates of 4
         self.grep_a = nn.Parameter(torch.ones(1, H, 1, 1))
         if owns_relative_bias:
             self.relative_attention_bias = nn.Embedding(cfg.num_buckets, H)
 
     def forward(self, x: torch.Tensor, pos_bias: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, C); pos_bias (1, nh, T, T) the shared relative bias; key_padding_mask (B, T) True = padding."""
-        B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)      # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_head, -1).transpose(1, 2)
+        q, k, v = self.qkv(x)                                                             # (B, nh, T, hd)
+        B, H, T, _ = q.shape
         # each query scales the shared bias by its own gate, from its unscaled projection:
         # gate_a, gate_b = sigmoid of two sums of 4 grep_linear outputs; scale = gate_a·(gate_b·grep_a − 1) + 2
-        gates = torch.sigmoid(self.grep_linear(q).view(B, self.n_head, T, 2, 4).sum(-1))   # (B, nh, T, 2)
-        gate_a, gate_b = gates.chunk(2, dim=-1)                                          # (B, nh, T, 1)
+        gate_a, gate_b = torch.sigmoid(self.grep_linear(q).view(B, H, T, 2, 4).sum(-1)).chunk(2, dim=-1)
         bias = (gate_a * (gate_b * self.grep_a - 1.0) + 2.0) * pos_bias                  # (B, nh, T, T)
         if key_padding_mask is not None:
             bias = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
         # the official code computes softmax(q·k·hd^-0.5 − rowmax + bias) with q pre-divided by 32 for fp16
         # range; subtracting a per-row constant does not change the softmax, so SDPA computes the same thing
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                      # (B, nh, T, hd)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class BEATsEncoderLayer(nn.Module):
-    def __init__(self, cfg: BEATsConfig, owns_relative_bias: bool):
-        super().__init__()
-        E = cfg.encoder_embed_dim
-        self.self_attn = BEATsSelfAttention(cfg, owns_relative_bias)
-        self.self_attn_layer_norm = nn.LayerNorm(E)
-        self.fc1 = nn.Linear(E, cfg.encoder_ffn_embed_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_embed_dim, E)
-        self.final_layer_norm = nn.LayerNorm(E)
-        # deep norm (DeepNet): post-LN with the residual up-weighted by alpha = (2N)^(1/4)
-        self.deep_norm_alpha = math.pow(2 * cfg.encoder_layers, 1 / 4) if cfg.deep_norm else 1.0
-
-    def forward(self, x: torch.Tensor, pos_bias: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        a = self.deep_norm_alpha
-        x = self.self_attn_layer_norm(x * a + self.self_attn(x, pos_bias, key_padding_mask))   # post-LN
-        h = F.gelu(self.fc1(x).float()).type_as(x)        # the official code evaluates this GELU in float32
-        return self.final_layer_norm(x * a + self.fc2(h))
+        return self.attend(q, k, v, bias)
 
 
 class BEATsTransformer(nn.Module):
@@ -1086,24 +938,18 @@ class BEATsTransformer(nn.Module):
         super().__init__()
         self.config = cfg
         E = cfg.encoder_embed_dim
-        # key `encoder.pos_conv.0.*`: the official code wraps this conv in Sequential(conv, SamePad, GELU) and
-        # stores it weight-normalised (weight_g, weight_v over dim 2); the loader folds that into `weight`
+        # key `encoder.pos_conv.0.*`: the official Sequential(conv, SamePad, GELU), stored weight-normalised
         self.pos_conv = nn.Sequential(nn.Conv1d(E, E, kernel_size=cfg.conv_pos, padding=cfg.conv_pos // 2,
                                                 groups=cfg.conv_pos_groups))
-        self.layers = nn.ModuleList(BEATsEncoderLayer(cfg, owns_relative_bias=(i == 0))
-                                    for i in range(cfg.encoder_layers))
-        # one relative-position table, owned by layer 0 and shared by all layers: as in the official code each
-        # layer registers the same module, so the checkpoint (and our state_dict) lists it under every layer
+        alpha = math.pow(2 * cfg.encoder_layers, 1 / 4) if cfg.deep_norm else 1.0   # DeepNet's residual scale
+        self.layers = nn.ModuleList(
+            EncoderLayer(BEATsAttention(cfg, owns_relative_bias=i == 0), E, cfg.encoder_ffn_embed_dim,
+                         pre_ln=False, alpha=alpha, gelu_fp32=True) for i in range(cfg.encoder_layers))
+        # one table, shared: as in the official code every layer registers the same module, so the
+        # checkpoint (and our state_dict) list it under every layer
         for layer in self.layers[1:]:
             layer.self_attn.relative_attention_bias = self.layers[0].self_attn.relative_attention_bias
         self.layer_norm = nn.LayerNorm(E)
-
-    def relative_position_bias(self, T: int, device) -> torch.Tensor:
-        """(1, nh, T, T): the bias of every (query, key) pair, from the table of layer 0."""
-        pos = torch.arange(T, device=device)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.config.num_buckets,
-                                           self.config.max_distance)                 # (T, T)
-        return self.layers[0].self_attn.relative_attention_bias(buckets).permute(2, 0, 1)[None]
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, C), padding_mask (B, T) True = padding -> (B, T, C)."""
@@ -1112,16 +958,18 @@ class BEATsTransformer(nn.Module):
         x_conv = self.pos_conv(x.transpose(1, 2))                 # (B, C, T + 1) for an even kernel
         if self.config.conv_pos % 2 == 0:
             x_conv = x_conv[:, :, :-1]                            # SamePad: drop the extra last frame
-        x = x + F.gelu(x_conv).transpose(1, 2)
-        x = self.layer_norm(x)                                    # layer_norm_first=False: before the layers
-        # computed once (the official code lets layer 0 compute it and hands it on); each layer gates it
-        pos_bias = self.relative_position_bias(x.shape[1], x.device).to(x.dtype)
+        x = self.layer_norm(x + F.gelu(x_conv).transpose(1, 2))   # layer_norm_first=False: before the layers
+        # the bias of every (query, key) pair, computed once from layer 0's table; each layer gates it
+        pos = torch.arange(x.shape[1], device=x.device)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.config.num_buckets,
+                                           self.config.max_distance)                     # (T, T)
+        pos_bias = self.layers[0].self_attn.relative_attention_bias(buckets).permute(2, 0, 1)[None].to(x.dtype)
         for layer in self.layers:
             x = layer(x, pos_bias, padding_mask)
         return x
 
 
-class BEATs(FrozenEncoder):
+class BEATs(nn.Module):
     """BEATs (iter3 / iter3+) after its preprocess, with the official module names (checkpoint keys)."""
 
     def __init__(self, cfg: BEATsConfig):
@@ -1133,102 +981,97 @@ class BEATs(FrozenEncoder):
         self.post_extract_proj = (nn.Linear(cfg.embed_dim, cfg.encoder_embed_dim)
                                   if cfg.embed_dim != cfg.encoder_embed_dim else None)
         self.encoder = BEATsTransformer(cfg)
-        self.freeze()
+        _frozen(self)
 
     def forward(self, fbank: torch.Tensor, padding_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised Kaldi fbank (B, T, 128) -> features (B, T', C) and padding mask (B, T') or None.
 
         T' = 8·floor(T/16): 16x16 patches (time x frequency), flattened time-major (token = 8·t + f), so
-        50 tokens/s. padding_mask (B, N) is True on padding and, as in the official `extract_features`,
-        given at the WAVEFORM level (N samples); it is reduced to the T frames, then to the T' tokens, by
-        `_reduce_padding_mask`. A frame-level mask (B, T) also works (its first reduction is the identity).
-        The second reduction marks token i by frames 2i and 2i+1, not by its own patch (frames 16·floor(i/8)
-        onwards): the official quirk, kept; near the end of a clip a token may be marked padding although
-        its patch holds some real frames.
+        50 tokens/s. padding_mask (B, N), True on padding, is given at the WAVEFORM level (N samples) as in
+        the official `extract_features`, and reduced to the T frames, then to the T' tokens (a frame-level
+        (B, T) mask also works: its first reduction is the identity). The second reduction marks token i by
+        frames 2i and 2i+1, not by its own patch: the official quirk, kept; near the end of a clip a token
+        may be marked padding although its patch holds some real frames.
         """
-        cfg = self.config
-        if fbank.dim() != 3 or fbank.shape[2] != BEATS_N_MELS:
-            raise ValueError(f"BEATs expects fbank of shape (B, T, {BEATS_N_MELS}), got {tuple(fbank.shape)}")
-        B, T, _ = fbank.shape
-        if T < cfg.input_patch_size:
-            raise ValueError(f"BEATs needs at least {cfg.input_patch_size} fbank frames, got {T}")
+        B, T, n_mels = fbank.shape if fbank.dim() == 3 else (0, 0, 0)
+        P = self.config.input_patch_size
+        if n_mels != BEATS_N_MELS or T < P:
+            raise ValueError(f"BEATs expects fbank of shape (B, T, {BEATS_N_MELS}), got {tuple(fbank.shape)}"
+                             + (f": at least {P} fbank frames, got {T}" if n_mels == BEATS_N_MELS else ""))
+        if padding_mask is not None and (padding_mask.dim() != 2 or padding_mask.shape[0] != B
+                                         or padding_mask.shape[1] < T):
+            raise ValueError(f"BEATs padding_mask must be (B={B}, N >= {T}), the waveform-level mask of the N "
+                             f"samples the {T} fbank frames came from; got {tuple(padding_mask.shape)}")
         if padding_mask is not None:
-            if padding_mask.dim() != 2 or padding_mask.shape[0] != B or padding_mask.shape[1] < T:
-                raise ValueError(f"BEATs padding_mask must be (B={B}, N >= {T}): the waveform-level mask of "
-                                 f"the N samples the {T} fbank frames came from; got {tuple(padding_mask.shape)}")
             padding_mask = _reduce_padding_mask(padding_mask.to(device=fbank.device, dtype=torch.bool), T)  # (B, T)
-        x = fbank.to(self.patch_embedding.weight.dtype)[:, None]          # (B, 1, T, 128)
-        x = self.patch_embedding(x)                                        # (B, D, T/16, 8)
-        x = x.flatten(2).transpose(1, 2)                                   # (B, T', D)
-        x = self.layer_norm(x)
+        x = self.patch_embedding(fbank.to(self.patch_embedding.weight.dtype)[:, None])   # (B, D, T/16, 8)
+        x = self.layer_norm(x.flatten(2).transpose(1, 2))                              # (B, T', D)
         if padding_mask is not None:
-            padding_mask = _reduce_padding_mask(padding_mask, x.shape[1])  # (B, T')
+            padding_mask = _reduce_padding_mask(padding_mask, x.shape[1])              # (B, T')
         if self.post_extract_proj is not None:
-            x = self.post_extract_proj(x)                                  # (B, T', C)
+            x = self.post_extract_proj(x)                                              # (B, T', C)
         return self.encoder(x, padding_mask), padding_mask
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
                         device: torch.device | str = "cpu") -> "BEATs":
-        """Load an official BEATs checkpoint (e.g. BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt): a torch
-        pickle {'cfg': dict, 'model': state dict, 'label_dict': ...}, read with weights_only=True and mmap.
-        The AudioSet classifier (`predictor.*`) is dropped and the weight norm of the positional conv folded.
-        """
+        """An official BEATs checkpoint (e.g. BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt): a torch pickle
+        {'cfg': dict, 'model': state dict, 'label_dict': ...}. The AudioSet classifier (`predictor.*`) is
+        dropped, the positional conv's weight norm folded, the shared relative bias table kept once."""
         path = Path(path)
-        try:
-            ckpt = _read_file(path)
-        except CheckpointError as e:
-            culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            if culprit is None:
-                raise
-            # weights_only refuses any pickled class: the checkpoint must hold plain dicts, lists, numbers, tensors
-            raise CheckpointError(f"{path}: torch.load(weights_only=True) refuses the object {culprit[1]} in "
-                                  f"this checkpoint (expected plain Python values in 'cfg' and 'label_dict'). If "
-                                  f"you trust the file, load it once with weights_only=False and re-save "
-                                  f"{{'cfg': dict(...), 'model': state_dict}}.") from None
-        if "cfg" not in ckpt or "model" not in ckpt:
-            raise CheckpointError(f"{path}: not an official BEATs checkpoint: expected a dict with 'cfg' and "
-                                  f"'model', found keys {_list_keys(map(str, ckpt))}")
+        ckpt = read_file(path)
+        if "cfg" not in ckpt or not isinstance(ckpt.get("model"), dict):
+            raise CheckpointError(f"{path}: not an official BEATs checkpoint: expected a dict with 'cfg' and 'model' "
+                                  f"(a state dict), found keys {_list_keys(map(str, ckpt))}")
         cfg = BEATsConfig.from_checkpoint_cfg(ckpt["cfg"], source=f"{path} ['cfg']")
-        sd = ckpt["model"]
-        if not isinstance(sd, dict):
-            raise CheckpointError(f"{path}: 'model' should be a state dict, found {type(sd).__name__}")
-        sd, shared = _beats_state_dict(sd, cfg, path)
-        with torch.device("meta"):
-            model = cls(cfg)
-        load_state_dict_into(model, [(path, sd)], path, dtype=dtype, device=device, allow_missing=shared)
-        return model.freeze()
-
-
-def _beats_state_dict(sd: dict[str, torch.Tensor], cfg: BEATsConfig, path) -> tuple[dict, list[str]]:
-    """Official state dict -> ours: drop `predictor.*`, fold the weight norm, keep one copy of the shared
-    relative bias table. Returns (state dict, keys of the table's other copies, allowed to be absent)."""
-    sd = {k: t for k, t in sd.items() if not k.startswith("predictor.")}
-    # weight norm over dim 2: weight = g · v / ||v||, the norm taken over dims 0 and 1 for each kernel tap
-    g_key, v_key = "encoder.pos_conv.0.weight_g", "encoder.pos_conv.0.weight_v"
-    if g_key in sd or v_key in sd:
-        for k in (g_key, v_key):
-            if k not in sd:
-                raise CheckpointError(f"{path}: missing key {k} (weight_g and weight_v come in pairs)")
+        sd = {k: t for k, t in ckpt["model"].items() if not k.startswith("predictor.")}
+        # weight norm over dim 2: weight = g · v / ||v||, the norm over dims 0 and 1 for each kernel tap
+        g_key, v_key = "encoder.pos_conv.0.weight_g", "encoder.pos_conv.0.weight_v"
         E, K = cfg.encoder_embed_dim, cfg.conv_pos
-        g, v = sd.pop(g_key), sd.pop(v_key)
-        for k, t, shape in ((g_key, g, (1, 1, K)), (v_key, v, (E, E // cfg.conv_pos_groups, K))):
-            if tuple(t.shape) != shape:
-                raise CheckpointError(f"{path}: key {k} has shape {tuple(t.shape)}, but the model expects {shape}")
-        w = v.float() * (g.float() / v.float().norm(dim=(0, 1), keepdim=True))
-        sd["encoder.pos_conv.0.weight"] = w.to(v.dtype)
-    # the relative bias table is shared: the checkpoint repeats it under every layer; the copies must agree
-    first = "encoder.layers.0.self_attn.relative_attention_bias.weight"
-    others = [f"encoder.layers.{i}.self_attn.relative_attention_bias.weight" for i in range(1, cfg.encoder_layers)]
-    for k in others:
-        if k in sd:
-            if first in sd and not (sd[k].shape == sd[first].shape and torch.equal(sd[k], sd[first])):
+        for k, shape in ((g_key, (1, 1, K)), (v_key, (E, E // cfg.conv_pos_groups, K))):
+            if k not in sd:
+                raise CheckpointError(f"{path}: missing key {k} (the positional conv is stored weight-normalised)")
+            if tuple(sd[k].shape) != shape:
+                raise CheckpointError(f"{path}: key {k} has shape {tuple(sd[k].shape)}, but the model expects {shape}")
+        g, v = sd.pop(g_key).float(), sd.pop(v_key)
+        sd["encoder.pos_conv.0.weight"] = (v.float() * (g / v.float().norm(dim=(0, 1), keepdim=True))).to(v.dtype)
+        # the shared relative bias table: the checkpoint repeats it under every layer; the copies must agree
+        first = "encoder.layers.0.self_attn.relative_attention_bias.weight"
+        others = [f"encoder.layers.{i}.self_attn.relative_attention_bias.weight" for i in range(1, cfg.encoder_layers)]
+        for k in [k for k in others if k in sd and first in sd]:
+            if sd[k].shape != sd[first].shape or not torch.equal(sd[k], sd[first]):
                 raise CheckpointError(f"{path}: key {k} {tuple(sd[k].shape)} differs from {first} "
                                       f"{tuple(sd[first].shape)}: BEATs shares one table across layers")
-            if first in sd:
-                del sd[k]
-    return sd, others
+            del sd[k]
+        with torch.device("meta"):
+            model = cls(cfg)
+        assign_weights(model, [(path, sd)], path, dtype=dtype, device=device, allow_missing=others)
+        return _frozen(model)
+
+    def num_parameters(self) -> int:
+        return _count(self)
+
+
+PRESETS = {
+    # Qwen/Qwen2-7B config.json
+    "qwen2-7b": LLMConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                          num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
+                          qkv_bias=True, max_position_embeddings=131072, family="qwen2"),
+    # lmsys/vicuna-13b-v1.1 config.json (a LLaMA-13B fine-tune)
+    "vicuna-13b-v1.1": LLMConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                 num_attention_heads=40, num_key_value_heads=40, rope_theta=10000.0,
+                                 rms_norm_eps=1e-6, max_position_embeddings=2048, family="llama"),
+    # openai/whisper-large-v2 config.json, encoder part
+    "whisper-large-v2": WhisperEncoderConfig(d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+                                             encoder_ffn_dim=5120, num_mel_bins=80, max_source_positions=1500),
+    # BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt, ckpt['cfg'] (the audio encoder of SALMONN / AI-STA)
+    "beats-iter3-plus-as2m-cpt2": BEATsConfig(
+        input_patch_size=16, embed_dim=512, conv_bias=False, encoder_layers=12, encoder_embed_dim=768,
+        encoder_ffn_embed_dim=3072, encoder_attention_heads=12, layer_norm_first=False, deep_norm=True,
+        conv_pos=128, conv_pos_groups=16, relative_position_embedding=True, num_buckets=320, max_distance=800,
+        gru_rel_pos=True),
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1273,12 +1116,10 @@ INSTRUCTIONS = {
 
 def split_prompt(prompt: str) -> tuple[str, str]:
     """A prompt template -> (text before the speech, text after it, {instruction} still unfilled)."""
-    if prompt.count(SPEECH_SLOT) != 1:
-        raise ValueError(f"a prompt template needs exactly one {SPEECH_SLOT} (found {prompt.count(SPEECH_SLOT)}): "
-                         f"{prompt!r}")
+    if prompt.count(SPEECH_SLOT) != 1 or "{instruction}" in prompt.split(SPEECH_SLOT)[0]:
+        raise ValueError(f"a prompt template needs exactly one {SPEECH_SLOT} (found {prompt.count(SPEECH_SLOT)}), "
+                         f"with {{instruction}} after it: {prompt!r}")
     before, after = prompt.split(SPEECH_SLOT)
-    if "{instruction}" in before:
-        raise ValueError(f"{{instruction}} must come after {SPEECH_SLOT} in the prompt template: {prompt!r}")
     return before, after
 
 
@@ -1332,38 +1173,31 @@ class Prompter:
         if len(instructions) != len(slots) or (targets is not None and len(targets) != len(slots)):
             raise ValueError(f"batch sizes differ: {len(instructions)} instructions, {len(slots)} slots"
                              + (f", {len(targets)} targets" if targets is not None else ""))
-        pad = self.tok.pad_id
         rows = []
         for i, (instr, slot) in enumerate(zip(instructions, slots)):
-            after = self.tok.encode(self.after.format(instruction=instr.strip()))
-            slot_ids = [pad] * slot if isinstance(slot, int) else list(slot)
-            ids = self.before_ids + slot_ids + after
-            labels = [-100] * len(ids)
-            if targets is not None:
-                tgt = self.text_ids(targets[i], "target") + [self.end_id]
-                ids, labels = ids + tgt, labels + tgt
-            is_slot = [False] * len(self.before_ids) + [True] * len(slot_ids) + [False] * (len(ids) - len(self.before_ids) - len(slot_ids))
-            rows.append((ids, labels, is_slot))
-        T = max(len(r[0]) for r in rows)
-        B = len(rows)
-        input_ids = torch.full((B, T), pad, dtype=torch.long)
+            slot_ids = [self.tok.pad_id] * slot if isinstance(slot, int) else list(slot)
+            ids = self.before_ids + slot_ids + self.tok.encode(self.after.format(instruction=instr.strip()))
+            tgt = [] if targets is None else self.text_ids(targets[i], "target") + [self.end_id]
+            n_before = len(self.before_ids)
+            rows.append((ids + tgt, [-100] * len(ids) + tgt,
+                         [n_before <= j < n_before + len(slot_ids) for j in range(len(ids) + len(tgt))]))
+        B, T = len(rows), max(len(r[0]) for r in rows)
+        input_ids = torch.full((B, T), self.tok.pad_id, dtype=torch.long)
         labels = torch.full((B, T), -100, dtype=torch.long)
         attn = torch.zeros(B, T, dtype=torch.bool)
         slot_mask = torch.zeros(B, T, dtype=torch.bool)
         for b, (ids, lab, is_slot) in enumerate(rows):
             sl = slice(T - len(ids), T) if pad_left else slice(0, len(ids))
-            input_ids[b, sl] = torch.tensor(ids)
-            labels[b, sl] = torch.tensor(lab)
-            attn[b, sl] = True
-            slot_mask[b, sl] = torch.tensor(is_slot)
+            input_ids[b, sl], labels[b, sl], attn[b, sl], slot_mask[b, sl] = (
+                torch.tensor(ids), torch.tensor(lab), True, torch.tensor(is_slot))
         return PromptBatch(input_ids, attn, slot_mask, labels if targets is not None else None)
 
 
 @dataclass
 class SpeechLLMConfig:
     llm: LLMConfig
-    whisper: "WhisperEncoderConfig"
-    beats: "BEATsConfig | None"
+    whisper: WhisperEncoderConfig
+    beats: BEATsConfig | None
     qformer: QFormerConfig
     lora_r: int = 8
     lora_alpha: float = 32.0
@@ -1374,11 +1208,11 @@ class SpeechLLMConfig:
     def __post_init__(self):
         q = self.qformer
         beats_dim = self.beats.encoder_embed_dim if self.beats is not None else 0
-        for field, have, want in (("qformer.llm_hidden", q.llm_hidden, self.llm.hidden_size),
-                                  ("qformer.speech_dim", q.speech_dim, self.whisper.d_model),
-                                  ("qformer.audio_dim", q.audio_dim, beats_dim)):
+        for name, have, want in (("qformer.llm_hidden", q.llm_hidden, self.llm.hidden_size),
+                                 ("qformer.speech_dim", q.speech_dim, self.whisper.d_model),
+                                 ("qformer.audio_dim", q.audio_dim, beats_dim)):
             if have != want:
-                raise ValueError(f"SpeechLLMConfig: {field} is {have}, but the model needs {want}")
+                raise ValueError(f"SpeechLLMConfig: {name} is {have}, but the model needs {want}")
         self.lora_targets = tuple(self.lora_targets)
         if self.prompt is not None:
             split_prompt(self.prompt)
@@ -1390,11 +1224,10 @@ class SpeechLLMConfig:
     def from_dict(cls, d: dict, source: str = "config") -> "SpeechLLMConfig":
         try:
             return cls(llm=LLMConfig(**d["llm"]), whisper=WhisperEncoderConfig(**d["whisper"]),
-                       beats=BEATsConfig(**d["beats"]) if d.get("beats") else None,
-                       qformer=QFormerConfig(**d["qformer"]),
+                       beats=BEATsConfig(**d["beats"]) if d.get("beats") else None, qformer=QFormerConfig(**d["qformer"]),
                        **{k: d[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "prompt") if k in d})
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{source}: not a speech-LLM config ({type(e).__name__}: {e})") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: not a speech-LLM config ({type(e).__name__}: {e})") from None
 
 
 @dataclass
@@ -1406,22 +1239,40 @@ class SpeechOutput:
 
 
 TRAINABLE_FILE, CONFIG_FILE = "trainable.safetensors", "speech_llm.json"
+# SALMONN's checkpoints hold the bridge under its own names (ours, minus `bridge.`) and LoRA under peft's
+SALMONN_BRIDGE = ("speech_query_tokens", "ln_speech.", "ln_audio.", "speech_Qformer.", "speech_llama_proj.")
+SALMONN_LORA = re.compile(r"llama_model\.base_model\.model\.(.+)\.(lora_[AB])\.default\.weight")
+
+
+def salmonn_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A SALMONN state dict (salmonn_v1.pth's ['model']) -> our keys: `bridge.` + its bridge keys; its LoRA
+    `llama_model.base_model.model.X.lora_A.default.weight` -> `llm.X.lora_A.weight`. Its other `llama_model.*`
+    buffers (RoPE) and BERT's unused `position_ids` are dropped; any other key is kept, for the loader to
+    name it."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("llama_model.") or k == "speech_Qformer.bert.embeddings.position_ids":
+            if m := SALMONN_LORA.fullmatch(k):
+                out[f"llm.{m[1]}.{m[2]}.weight"] = v
+        else:
+            out["bridge." + k if k.startswith(SALMONN_BRIDGE) else k] = v
+    return out
 
 
 class SpeechLLM(nn.Module):
     """SALMONN's architecture (AI-STA §3.1): frozen Whisper + BEATs -> trainable window Q-Former and
     projection -> frozen LLM with trainable LoRA on q_proj / v_proj.
 
-    Submodules: `speech_encoder` (Whisper), `beats`, `bridge` (WindowQFormer: SALMONN's
-    speech_query_tokens, ln_speech, ln_audio, speech_Qformer, speech_llama_proj), `llm`.
+    Submodules: `speech_encoder` (Whisper), `beats`, `bridge` (WindowQFormer: SALMONN's speech_query_tokens,
+    ln_speech, ln_audio, speech_Qformer, speech_llama_proj), `llm`.
     """
 
     def __init__(self, cfg: SpeechLLMConfig, tokenizer: Tokenizer, *, llm: LLM | None = None,
-                 speech_encoder: "WhisperEncoder | None" = None, beats: "BEATs | None" = None):
+                 speech_encoder: WhisperEncoder | None = None, beats: BEATs | None = None):
         super().__init__()
         self.config = cfg
-        self.speech_encoder = (speech_encoder or WhisperEncoder(cfg.whisper)).freeze()
-        self.beats = (beats or BEATs(cfg.beats)).freeze() if cfg.beats is not None else None
+        self.speech_encoder = speech_encoder or WhisperEncoder(cfg.whisper)
+        self.beats = (beats or BEATs(cfg.beats)) if cfg.beats is not None else None
         self.bridge = WindowQFormer(cfg.qformer)
         self.llm = llm or LLM(cfg.llm)
         # LoRA last: it reuses the loaded base weights and freezes everything else in the LLM
@@ -1430,6 +1281,7 @@ class SpeechLLM(nn.Module):
         self.tokenizer = tokenizer
         self.sources: dict[str, str | None] = {}   # where the frozen weights came from (saved with checkpoints)
 
+    # ------------------------------------------------------------------ building and checkpoints
     @classmethod
     def from_pretrained(cls, llm_dir: str | os.PathLike, whisper_path: str | os.PathLike,
                         beats_path: str | os.PathLike | None = None, ckpt: str | os.PathLike | None = None, *,
@@ -1439,40 +1291,76 @@ class SpeechLLM(nn.Module):
                         qformer: dict | None = None, verbose: bool = True) -> "SpeechLLM":
         """Build from the public checkpoints: the frozen parts in `dtype`, the trainable ones in fp32.
 
-        ckpt: a SALMONN checkpoint (.pth: Q-Former, projection and LoRA) or this project's checkpoint
-        directory (trainable.safetensors + speech_llm.json); None starts the bridge and LoRA fresh.
-        The bridge, LoRA and prompt settings come from this project's checkpoint when given, else
-        SALMONN's (BERT-base Q-Former, r=8, alpha=32, dropout 0.1); the arguments override either.
-        qformer: overrides of QFormerConfig fields.
+        ckpt: a SALMONN checkpoint (.pth) or this project's checkpoint folder; None starts the bridge and
+        LoRA fresh. Their shapes and the prompt come from this project's checkpoint when given, else are
+        SALMONN's (BERT-base Q-Former, r=8, alpha=32, dropout 0.1); the arguments override either
+        (`qformer`: QFormerConfig fields).
         """
-        arch = {}
-        if ckpt is not None and Path(ckpt).is_dir():
-            saved = cls.saved_config(ckpt)
-            arch = {k: getattr(saved, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "prompt")}
-            arch["qformer"] = {k: v for k, v in asdict(saved.qformer).items()
-                               if k not in ("speech_dim", "audio_dim", "llm_hidden")}
-        given = {"lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "prompt": prompt}
-        arch.update({k: v for k, v in given.items() if v is not None})
-        arch["qformer"] = {**arch.get("qformer", {}), **(qformer or {})}
+        arch = dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, prompt=prompt)
+        saved = cls.saved_config(ckpt) if ckpt is not None and Path(ckpt).is_dir() else None
+        if saved is not None:
+            arch = {k: getattr(saved, k) if v is None else v for k, v in arch.items()}
+        arch = {k: v for k, v in arch.items() if v is not None}
+        if saved is not None:   # another backbone's checkpoint: refuse it before reading gigabytes of weights
+            cls.resolve(ckpt, llm_dir, whisper_path, beats_path or "none")
         llm = LLM.from_pretrained(llm_dir, dtype=dtype, device=device)
         speech_encoder = WhisperEncoder.from_pretrained(whisper_path, dtype=dtype, device=device)
         beats = BEATs.from_pretrained(beats_path, dtype=dtype, device=device) if beats_path else None
-        qcfg = QFormerConfig(**{"speech_dim": speech_encoder.config.d_model, "llm_hidden": llm.config.hidden_size,
-                                "audio_dim": beats.config.encoder_embed_dim if beats is not None else 0,
-                                **arch.pop("qformer")})
-        cfg = SpeechLLMConfig(llm=llm.config, whisper=speech_encoder.config, qformer=qcfg,
+        qcfg = {**(asdict(saved.qformer) if saved else {}), **(qformer or {}),   # the dims follow the encoders/LLM
+                "speech_dim": speech_encoder.config.d_model, "llm_hidden": llm.config.hidden_size,
+                "audio_dim": beats.config.encoder_embed_dim if beats is not None else 0}
+        cfg = SpeechLLMConfig(llm=llm.config, whisper=speech_encoder.config, qformer=QFormerConfig(**qcfg),
                               beats=beats.config if beats is not None else None, **arch)
         with torch.device(device):
             model = cls(cfg, load_tokenizer(llm_dir), llm=llm, speech_encoder=speech_encoder, beats=beats)
-        model.sources = {"llm": str(llm_dir), "whisper": str(whisper_path),
-                         "beats": str(beats_path) if beats_path else None}
+        model.sources = {"llm": str(llm_dir), "whisper": str(whisper_path), "beats": str(beats_path) if beats_path else None}
         if ckpt is not None:
             model.load_trainable(ckpt)
         if verbose:
             print(model.describe_trainable())
-        return model.eval()   # like any loaded model: call .train() to train (the encoders stay in eval)
+        return model.eval()   # like any loaded model: call .train() to train
 
-    # ------------------------------------------------------------------ trainable parameters
+    @classmethod
+    def resolve(cls, ckpt: str | os.PathLike | None, llm=None, whisper=None, beats=None) -> dict:
+        """The base weights a checkpoint needs, checked without loading any weights: {llm, whisper, beats}.
+
+        The paths given win over those recorded in this project's checkpoint (a SALMONN .pth records none;
+        beats "none" means a Whisper-only model). Each must exist; the LLM folder's config.json must describe
+        the LLM the checkpoint was trained on. For command lines, before anything loads.
+        """
+        paths = {"llm": llm, "whisper": whisper, "beats": beats}
+        saved = None
+        if ckpt is not None:
+            if not Path(ckpt).exists():
+                raise CheckpointError(f"{ckpt}: no such checkpoint file or directory")
+            if Path(ckpt).is_dir():
+                recorded = cls.checkpoint_info(ckpt).get("sources") or {}
+                paths = {k: v if v is not None else recorded.get(k) for k, v in paths.items()}
+                saved = cls.saved_config(ckpt)
+        if paths["beats"] == "none":
+            paths["beats"] = None
+        for k in ("llm", "whisper"):
+            if not paths[k]:
+                raise CheckpointError(f"the {k} weights are needed: pass --{k} ({ckpt} records no {k} path)")
+        for k, p in paths.items():
+            if p is not None and not Path(p).exists():
+                raise CheckpointError(f"{p}: no such file or directory (the {k} weights"
+                                      + (f" recorded in {ckpt})" if ckpt else ")"))
+        if saved is not None:
+            have = LLMConfig.from_dir(paths["llm"])
+            for f in ("hidden_size", "num_hidden_layers", "vocab_size"):
+                if getattr(have, f) != getattr(saved.llm, f):
+                    raise CheckpointError(f"{ckpt} was trained on an LLM with {f}={getattr(saved.llm, f)}, but "
+                                          f"{paths['llm']} has {f}={getattr(have, f)}: another backbone")
+        return paths
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str | os.PathLike, llm=None, whisper=None, beats=None, **kw) -> "SpeechLLM":
+        """A trained model: `ckpt` (this project's folder or a SALMONN .pth) on the base weights that
+        `resolve` finds; keyword arguments as from_pretrained's."""
+        paths = cls.resolve(ckpt, llm, whisper, beats)
+        return cls.from_pretrained(paths["llm"], paths["whisper"], paths["beats"], ckpt=ckpt, **kw)
+
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
@@ -1486,7 +1374,7 @@ class SpeechLLM(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def save_trainable(self, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:
-        """This project's checkpoint: the trainable weights (safetensors) + the config and `meta` (JSON)."""
+        """This project's checkpoint: the trainable weights (safetensors) + the config, sources, `meta` (JSON)."""
         from safetensors.torch import save_file
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -1499,75 +1387,58 @@ class SpeechLLM(nn.Module):
     @staticmethod
     def checkpoint_info(ckpt: str | os.PathLike) -> dict:
         """The JSON beside a checkpoint of this project: config, sources (base weights' paths), meta."""
-        f = Path(ckpt) / CONFIG_FILE
-        if not f.is_file():
-            raise CheckpointError(f"{Path(ckpt)}: no {CONFIG_FILE} (a checkpoint directory of this project holds "
-                                  f"{TRAINABLE_FILE} and {CONFIG_FILE})")
-        try:
-            info = json.loads(f.read_text())
-            info["config"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{f}: not a checkpoint config ({type(e).__name__}: {e})") from None
+        info = read_json(Path(ckpt) / CONFIG_FILE, f" (a checkpoint folder of this project holds {TRAINABLE_FILE}"
+                                                   f" and {CONFIG_FILE})")
+        if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+            raise CheckpointError(f"{Path(ckpt) / CONFIG_FILE}: no 'config' object")
         return info
 
     @classmethod
     def saved_config(cls, ckpt: str | os.PathLike) -> SpeechLLMConfig:
-        """The SpeechLLMConfig recorded in one of this project's checkpoint directories."""
         return SpeechLLMConfig.from_dict(cls.checkpoint_info(ckpt)["config"], source=str(Path(ckpt) / CONFIG_FILE))
 
     def load_trainable(self, ckpt: str | os.PathLike) -> None:
-        """Load the trainable weights from this project's checkpoint directory or a SALMONN .pth file."""
+        """The trainable weights, from this project's checkpoint folder or a SALMONN .pth file, through the
+        one loader; a frozen weight in the file is refused."""
         path = Path(ckpt)
         if path.is_dir():
             saved = self.saved_config(path).llm
-            for field in ("hidden_size", "num_hidden_layers", "vocab_size"):
-                if getattr(saved, field) != getattr(self.config.llm, field):
-                    raise CheckpointError(f"{path / CONFIG_FILE}: trained for an LLM with {field}="
-                                          f"{getattr(saved, field)}, this model has {getattr(self.config.llm, field)}")
-            self._load_trainable_sd(_read_file(path / TRAINABLE_FILE), path / TRAINABLE_FILE)
+            for f in ("hidden_size", "num_hidden_layers", "vocab_size"):
+                if getattr(saved, f) != getattr(self.config.llm, f):
+                    raise CheckpointError(f"{path / CONFIG_FILE}: trained for an LLM with {f}={getattr(saved, f)}, "
+                                          f"this model has {getattr(self.config.llm, f)}")
+            path, sd = path / TRAINABLE_FILE, read_file(path / TRAINABLE_FILE)
         elif path.is_file():
-            # SALMONN's layout -> our keys: the bridge's names are SALMONN's, LoRA's lose their peft wrapping
-            sd = read_salmonn_checkpoint(str(path))
-            ours = {"bridge." + k: v for k, v in qformer_state_from_salmonn(sd, str(path)).items()}
-            ours.update({"llm." + k: v for k, v in lora_state_from_salmonn(sd).items()})
-            self._load_trainable_sd(ours, path)
+            sd = read_file(path)
+            sd = salmonn_to_ours(sd["model"] if isinstance(sd.get("model"), dict) else sd)
         else:
             raise CheckpointError(f"{path}: no such checkpoint file or directory")
-
-    def _load_trainable_sd(self, sd: dict[str, torch.Tensor], source) -> None:
-        """Every trainable weight from `sd` (nothing else), through the one loader with its key checks."""
-        trainable = set(self.trainable_names())
-        frozen = [k for k in sd if k in self.state_dict() and k not in trainable]
-        if frozen:   # never overwrite the frozen weights from a trainable-weights checkpoint
-            raise CheckpointError(f"{source}: key(s) of frozen weights in a trainable-weights checkpoint: "
+        own, trainable = set(self.state_dict()), set(self.trainable_names())
+        frozen = [k for k in sd if k in own and k not in trainable]
+        if frozen:
+            raise CheckpointError(f"{path}: key(s) of frozen weights in a trainable-weights checkpoint: "
                                   f"{_list_keys(frozen)}")
-        device = next(self.bridge.parameters()).device
-        load_state_dict_into(self, [(source, sd)], source, device=device,
-                             allow_missing=set(self.state_dict()) - trainable)
+        assign_weights(self, [(path, sd)], path, dtype=torch.float32, device=self.bridge.speech_llama_proj.weight.device,
+                       allow_missing=own - trainable)
 
     # ------------------------------------------------------------------ the forward passes
     def encode_speech(self, mel: torch.Tensor, fbank: torch.Tensor | None = None,
                       fbank_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mel (B, n_mels, 3000), fbank (B, T, 128) + waveform padding mask (B, N) -> (B, 88, hidden)."""
+        """mel (B, n_mels, n_frames), fbank (B, T, 128) + waveform padding mask (B, N) -> (B, 88, hidden)."""
+        if (self.beats is None) != (fbank is None):
+            raise ValueError("encode_speech: pass fbank features exactly when the model has BEATs")
         with torch.no_grad():   # the encoders are frozen: no activations kept for backward
-            enc_dtype = next(self.speech_encoder.parameters()).dtype
-            speech = self.speech_encoder(mel.to(enc_dtype))                        # (B, 1500, 1280)
-            audio = None
-            if self.beats is not None:
-                if fbank is None:
-                    raise ValueError("this model has BEATs: encode_speech needs fbank features too")
-                audio, _ = self.beats(fbank.to(enc_dtype), fbank_padding_mask)      # (B, T', 768)
-        return self.bridge(speech, audio)                                           # (B, 88, hidden)
+            dtype = self.speech_encoder.conv1.weight.dtype
+            speech = self.speech_encoder(mel.to(dtype))                                     # (B, 1500, 1280)
+            audio = None if self.beats is None else self.beats(fbank.to(dtype), fbank_padding_mask)[0]  # (B, T', 768)
+        return self.bridge(speech, audio)                                                   # (B, 88, hidden)
 
     def _embed(self, batch: PromptBatch, slot: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the slot positions replaced by `slot` (B, n, hidden) when given."""
         emb = self.llm.model.embed_tokens
         x = emb(batch.input_ids.to(emb.weight.device))                              # (B, T, hidden)
-        if slot is not None:
-            mask = batch.slot_mask.to(x.device)
-            if int(mask.sum()) != slot.shape[0] * slot.shape[1]:
-                raise ValueError(f"{int(mask.sum())} slot positions for {tuple(slot.shape[:2])} embeddings")
-            x = x.masked_scatter(mask[..., None], slot.to(x.dtype))                 # gradient flows to slot
+        if slot is not None:   # gradient flows to the slot
+            x = x.masked_scatter(batch.slot_mask.to(x.device)[..., None], slot.to(x.dtype))
         return x
 
     def speech_pass(self, speech_embeds: torch.Tensor, instructions: Sequence[str],
@@ -1596,9 +1467,7 @@ class SpeechLLM(nn.Module):
         pred = labels[:, 1:] != -100                                               # (B, T-1)
         logits = self.llm.lm_head(self.llm.model.norm(h[:, :-1][pred])).float()   # (N, vocab)
         ce = F.cross_entropy(logits, labels[:, 1:][pred], reduction="none")       # (N,)
-        rows = pred.nonzero()[:, 0]
-        count = pred.sum(1)                                                        # (B,)
-        row_loss = torch.zeros(labels.shape[0], device=ce.device).index_add(0, rows, ce) / count
+        row_loss = torch.zeros(labels.shape[0], device=ce.device).index_add(0, pred.nonzero()[:, 0], ce) / pred.sum(1)
         return ce.mean(), row_loss
 
     @torch.no_grad()
@@ -1611,9 +1480,8 @@ class SpeechLLM(nn.Module):
         after a position changes its hidden state, so the instruction and target are never computed.
         """
         ids = [self.prompter.text_ids(t, "transcript") for t in transcripts]
-        batch = self.prompter.build(instructions, ids)
         start, n = len(self.prompter.before_ids), max(len(i) for i in ids)
-        cut = batch.truncate(start + n)
+        cut = self.prompter.build(instructions, ids).truncate(start + n)
         was_training = self.llm.training
         self.llm.eval()
         try:

@@ -38,12 +38,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# key prefixes of the Q-Former part of a SALMONN checkpoint; the rest (`llama_model.*`) is the LLM's LoRA
-QFORMER_PREFIXES = ("speech_query_tokens", "ln_speech.", "ln_audio.", "speech_Qformer.", "speech_llama_proj.")
-# SALMONN's BertEmbeddings keeps a persistent `position_ids` buffer that its runner saves with the weights;
-# the Q-Former never uses position embeddings, so this key carries no information.
-SALMONN_IGNORED_KEYS = ("speech_Qformer.bert.embeddings.position_ids",)
-
 
 @dataclass
 class QFormerConfig:
@@ -254,65 +248,3 @@ class WindowQFormer(nn.Module):
         out = self.speech_Qformer(queries, windows)  # (B*L, N, 768)
         out = self.speech_llama_proj(out)  # (B*L, N, llm_hidden)
         return out.view(B, L * cfg.num_query, cfg.llm_hidden)  # (B, L*N, llm_hidden)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# SALMONN checkpoints (salmonn_v1.pth, salmonn_7b_v0.pth): a pickle whose ['model'] holds only the trainable
-# weights (Q-Former, projection, LoRA) plus buffers, saved by SALMONN's runner and loaded with strict=False.
-
-def read_salmonn_checkpoint(path: str, trust_pickle: bool = False) -> dict:
-    """Read a SALMONN checkpoint and return its flat state dict (the ['model'] entry when there is one).
-
-    The file is unpickled with weights_only=True unless `trust_pickle` is set (only for files you trust:
-    a full unpickle can run code)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as e:
-        if trust_pickle:
-            raise
-        raise RuntimeError(f"{path}: torch.load(weights_only=True) failed ({e}); if you trust this file, "
-                           f"call read_salmonn_checkpoint(path, trust_pickle=True)") from e
-    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict or a dict with a 'model' state dict, got {type(ckpt)}")
-    return sd
-
-
-def qformer_state_from_salmonn(sd: dict, source: str = "state dict") -> dict:
-    """The Q-Former/projection part of a SALMONN state dict, keys unchanged (identity map).
-
-    `llama_model.*` keys (the LLM's LoRA weights and buffers) are left to lora.load_salmonn_lora; the unused
-    `position_ids` buffer is dropped; any other key is an error naming it and `source`."""
-    out, unknown = {}, []
-    for k, v in sd.items():
-        if k in SALMONN_IGNORED_KEYS or k.startswith("llama_model."):
-            continue
-        if k.startswith(QFORMER_PREFIXES):
-            out[k] = v
-        else:
-            unknown.append(k)
-    if unknown:
-        raise KeyError(f"{source}: keys that belong neither to the Q-Former nor to llama_model: {sorted(unknown)}")
-    return out
-
-
-def load_salmonn_qformer(qformer: WindowQFormer, ckpt, source: str | None = None) -> None:
-    """Load the Q-Former/projection weights of a SALMONN checkpoint (a path, or an already read state dict).
-
-    Raises with the offending keys (and `source`, the file) on missing, unexpected or mis-shaped weights, e.g.
-    a checkpoint trained for another LLM hidden size fails on `speech_llama_proj.weight`."""
-    if isinstance(ckpt, str):
-        source = source or ckpt
-        ckpt = read_salmonn_checkpoint(ckpt)
-    source = source or "state dict"
-    sd = qformer_state_from_salmonn(ckpt, source)
-    own = qformer.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"{source}: Q-Former keys do not match the model: missing {missing}, unexpected {unexpected}")
-    for k, v in sd.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)} in the checkpoint but "
-                             f"{tuple(own[k].shape)} in the model (check QFormerConfig, e.g. llm_hidden)")
-    qformer.load_state_dict(sd, strict=True)

@@ -193,12 +193,15 @@ def parse_layers(spec: str, num_layers: int) -> list:
     if spec == "all":
         return list(range(num_layers + 1))
     out = set()
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ValueError(f"--layers {spec!r}: expected 'all' or a list like '0-5,8'") from None
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        try:
+            lo, hi = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"--layers {spec!r}: expected 'all' or a list like '0-5,8'") from None
+        if hi < lo:
+            raise ValueError(f"--layers {spec!r}: the range {part!r} runs backwards")
+        out.update(range(lo, hi + 1))
     bad = sorted(l for l in out if not 0 <= l <= num_layers)
     if bad:
         raise ValueError(f"--layers {spec!r}: layer(s) {bad} outside 0..{num_layers}")
@@ -229,10 +232,190 @@ def extract_states(model, entries: Sequence[dict], layers: Sequence[int], instru
     return {l: (speech[l], text[l]) for l in layers}
 
 
+def _line_numbers(path, n: int) -> list:
+    """The file line of each of the n entries of a manifest: data.read_manifest skips blank lines only."""
+    lines = [k for k, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    return lines if len(lines) == n else [None] * n
+
+
+def _check_numbers(args) -> list:
+    """The flags that need no file: each problem names its flag."""
+    problems = []
+    if args.num_pairs < 2:
+        problems.append(f"--num-pairs {args.num_pairs}: must be at least 2 (one pair scores MRR 1 at every layer)")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size {args.batch_size}: must be >= 1")
+    if not 0 < args.threshold < 1:  # MRR lies in (0, 1]: outside (0, 1) every layer or none is selected
+        problems.append(f"--threshold {args.threshold}: must be in (0, 1) (MRR lies in (0, 1]: a threshold "
+                        f"outside selects every layer or none)")
+    for key in ("eps_rel", "tol", "max_iter", "max_bytes"):
+        ok, what = sinkhorn.SETTINGS[key]
+        value = getattr(args, key)
+        if value is not None and not ok(value):
+            problems.append(f"--{key.replace('_', '-')} {value}: must be {what}")
+    if args.instruction is not None and not args.instruction.strip():
+        problems.append(f"--instruction {args.instruction!r}: empty (leave it out for the default)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        problems.append(f"--device {args.device!r}: not a device (cpu, cuda, cuda:1, ...)")
+    else:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            problems.append(f"--device {args.device}: CUDA is not available here")
+        elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            problems.append(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return problems
+
+
+def _base_weights(args, problems: list):
+    """The base weights' paths (--llm/--whisper/--beats, else those recorded in --ckpt), each checked to exist,
+    and the LLM's layer count (from the checkpoint's config, else the LLM's config.json). No weights are read."""
+    from model import CONFIG_FILE, SpeechLLM
+
+    ckpt = Path(args.ckpt)
+    sources, saved_llm, known = {}, None, ckpt.is_file()  # known: what the checkpoint records is known
+    if ckpt.is_dir():
+        try:
+            info = SpeechLLM.checkpoint_info(ckpt)
+            sources, saved_llm, known = info.get("sources") or {}, info["config"]["llm"], True
+        except (ValueError, KeyError, TypeError) as e:
+            problems.append(f"--ckpt {e}" if isinstance(e, ValueError) else f"--ckpt {ckpt / CONFIG_FILE}: no config.llm")
+    elif not ckpt.is_file():
+        problems.append(f"--ckpt {ckpt}: no such checkpoint file or directory")
+    paths = {}
+    for k in ("llm", "whisper", "beats"):
+        path = getattr(args, k) or sources.get(k)
+        paths[k] = None if path in (None, "none") else Path(path)
+        where = (f"--{k} {path}" if getattr(args, k) else
+                 f"{k} path {path} (recorded in {ckpt / CONFIG_FILE}; --{k} overrides it)")
+        if paths[k] is None:
+            if k != "beats" and known:  # without BEATs the model is Whisper-only; the LLM and Whisper are required
+                problems.append(f"--{k} is required: {ckpt} records no {k} path" if ckpt.is_dir() else
+                                f"--{k} is required: a SALMONN checkpoint ({ckpt}) records no base weights")
+        elif not paths[k].exists():
+            problems.append(f"{where}: no such file or directory")
+        elif k == "llm" and not (paths[k] / "config.json").is_file():
+            problems.append(f"{where}: no config.json (an LLM checkpoint directory in the HF layout)")
+    num_layers = saved_llm["num_hidden_layers"] if saved_llm else None
+    if paths["llm"] is not None and (paths["llm"] / "config.json").is_file():
+        cfg_file = paths["llm"] / "config.json"
+        try:
+            cfg = dict(json.loads(cfg_file.read_text()))
+        except (ValueError, TypeError) as e:  # invalid JSON or text, or not an object
+            problems.append(f"{cfg_file}: not a JSON object ({e})")
+            return paths, num_layers
+        if saved_llm:  # the trainable weights fit only the LLM they were trained on: refuse before loading it
+            for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+                if cfg.get(key) != saved_llm.get(key):
+                    problems.append(f"{cfg_file}: {key}={cfg.get(key)}, but {ckpt / CONFIG_FILE} was trained with "
+                                    f"an LLM of {key}={saved_llm.get(key)}")
+        elif isinstance(cfg.get("num_hidden_layers"), int):
+            num_layers = cfg["num_hidden_layers"]
+        else:
+            problems.append(f"{cfg_file}: no num_hidden_layers")
+    return paths, num_layers
+
+
+def _sample(args, problems: list):
+    """The manifest read and checked, the pairs sampled, and each sampled pair's audio header read.
+    Returns (indices, entries) of the sample, or ([], []) after a problem that leaves nothing to check."""
+    import soundfile as sf
+    import data
+
+    try:
+        entries = data.read_manifest(args.data, require=("audio", "transcript"))
+    except (OSError, ValueError) as e:  # names the file and the line (a UnicodeDecodeError names neither)
+        problems.append(str(e) if str(Path(args.data)) in str(e) else f"{args.data}: {e}")
+        return [], []
+    if args.num_pairs > len(entries):
+        problems.append(f"--num-pairs {args.num_pairs} but {args.data} has {len(entries)} entries")
+    if not 2 <= args.num_pairs <= len(entries):
+        return [], []
+    picked = random.Random(args.seed).sample(range(len(entries)), args.num_pairs)
+    lines = _line_numbers(args.data, len(entries))
+    at = {i: f"{args.data}:{lines[i]}" if lines[i] else f"{args.data} (entry {i + 1})" for i in picked}
+
+    # Duplicates cap MRR whatever the layer, so it no longer measures alignment: refuse them (Eq. 4 counts ties
+    # against the gold). The same audio twice: at most one of its rows can rank its own transcript first. The
+    # same transcript twice: the two texts tie, so neither gold can rank first.
+    why = {"audio": "at most one of these rows can rank its own transcript first",
+           "transcript": "identical texts tie, and a tie ranks the gold second at best (Eq. 4)"}
+    for what, key in (("audio", lambda e: (e["audio"], e.get("start"), e.get("end"))),
+                      ("transcript", lambda e: e["transcript"].strip())):
+        seen = {}
+        for i in sorted(picked):
+            seen.setdefault(key(entries[i]), []).append(i)
+        for k, rows in seen.items():
+            if len(rows) > 1:
+                nums = [str(lines[i] or f"entry {i + 1}") for i in rows]
+                shown = k[0] if what == "audio" else k
+                problems.append(f"{args.data}: lines {', '.join(nums[:-1])} and {nums[-1]} have the same {what} "
+                                f"{shown!r}: {why[what]}; keep one of them")
+
+    bad = []
+    for i in picked:
+        e = entries[i]
+        if "start" in e or "end" in e:
+            bad.append(f"{at[i]}: a segment (start/end) of {e['audio']}: select_layers.py reads whole files")
+        elif not Path(e["audio"]).is_file():
+            bad.append(f"{at[i]}: audio file not found: {e['audio']}")
+        else:
+            try:
+                if sf.info(e["audio"]).frames == 0:
+                    bad.append(f"{at[i]}: no samples in {e['audio']}")
+            except RuntimeError as err:  # soundfile's LibsndfileError
+                bad.append(f"{at[i]}: cannot read the audio header of {e['audio']} ({err})")
+    if bad:
+        shown = bad if len(bad) <= 20 else bad[:20] + [f"... and {len(bad) - 20} more"]
+        problems.append(f"{len(bad)} of {len(picked)} sampled audio files cannot be used:\n    " + "\n    ".join(shown))
+    return picked, [entries[i] for i in picked]
+
+
+def _check_out(out, problems: list):
+    """Create --out and write a probe file there now, rather than fail after hours of computation."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out}: exists and is not a folder")
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".select_layers_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        problems.append(f"--out {out}: cannot write there ({e.strerror or e})")
+
+
+def check_inputs(args):
+    """Everything the run needs, checked before any model is loaded: the flags, the checkpoint, the base
+    weights' paths, the layers, the manifest, every sampled audio file's header and the output folder.
+    Exits with every problem found, each naming its flag, file or line. Returns (paths, layers, picked, entries)."""
+    problems = _check_numbers(args)
+    paths, num_layers = _base_weights(args, problems)
+    layers = []
+    if num_layers is not None:
+        try:
+            layers = parse_layers(args.layers, num_layers)
+        except ValueError as e:
+            problems.append(str(e))
+    picked, entries = _sample(args, problems)
+    _check_out(args.out, problems)
+    if len(problems) == 1:
+        raise SystemExit(f"select_layers.py: {problems[0]}")
+    if problems:
+        raise SystemExit(f"select_layers.py: {len(problems)} problems, nothing was loaded:\n  " + "\n  ".join(problems))
+    if chance_mrr(len(picked)) >= args.threshold:
+        print(f"select_layers.py: warning: with {len(picked)} pairs the chance MRR is {chance_mrr(len(picked)):.3f} "
+              f">= --threshold {args.threshold}: a layer at chance would be selected (the paper: 1000 pairs)",
+              file=sys.stderr)
+    return paths, layers, picked, entries
+
+
 def main(argv=None):
     from model import INSTRUCTIONS, SpeechLLM
 
-    ap = argparse.ArgumentParser(description="AI-STA stage 2: pick the LLM layers to align (Sec. 4.2).")
+    ap = argparse.ArgumentParser(prog="select_layers.py",
+                                 description="AI-STA stage 2: pick the LLM layers to align (Sec. 4.2).")
     ap.add_argument("--ckpt", required=True,
                     help="stage-1 checkpoint: this project's checkpoint directory or a SALMONN .pth file")
     ap.add_argument("--data", required=True, help="JSONL manifest with 'audio' and 'transcript' per line")
@@ -256,27 +439,12 @@ def main(argv=None):
     ap.add_argument("--max-iter", type=int, default=sinkhorn.MAX_ITER)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    paths, layers, picked, entries = check_inputs(args)   # exits here on any bad input, before any model loads
 
-    import data
     instruction = args.instruction or INSTRUCTIONS["asr"][0]
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
-    sources = SpeechLLM.checkpoint_info(args.ckpt).get("sources", {}) if Path(args.ckpt).is_dir() else {}
-    paths = {k: getattr(args, k) or sources.get(k) for k in ("llm", "whisper", "beats")}
-    for k in ("llm", "whisper"):
-        if not paths[k]:
-            sys.exit(f"select_layers.py: --{k} is required: {args.ckpt} records no {k} path")
-    if paths["beats"] == "none":
-        paths["beats"] = None
-
-    entries = data.read_manifest(args.data, require=("audio", "transcript"))
-    if args.num_pairs > len(entries):
-        sys.exit(f"select_layers.py: --num-pairs {args.num_pairs} but {args.data} has {len(entries)} entries")
-    picked = random.Random(args.seed).sample(range(len(entries)), args.num_pairs)
-    entries = [entries[i] for i in picked]
-
     model = SpeechLLM.from_pretrained(paths["llm"], paths["whisper"], paths["beats"], ckpt=args.ckpt,
                                       dtype=dtype, device=args.device).eval()
-    layers = parse_layers(args.layers, model.config.llm.num_hidden_layers)
     states = extract_states(model, entries, layers, instruction, args.batch_size, args.device,
                             progress=not args.no_progress)
     del model
@@ -290,7 +458,7 @@ def main(argv=None):
                              progress=not args.no_progress,
                              on_layer=lambda l, v: print(f"layer {l:2d}: MRR {v:.4f}", flush=True))
     settings = dict(vars(args), instruction=instruction, dtype=str(dtype).removeprefix("torch."), **{
-        f"{k}_path": v for k, v in paths.items()})
+        f"{k}_path": str(v) if v is not None else None for k, v in paths.items()})
     result["pairs"] = [{"index": i, "audio": e["audio"], "transcript": e["transcript"]} for i, e in zip(picked, entries)]
     json_path, png_path = save_results(result, args.out, settings=settings)
     print(f"selected layers (MRR > {args.threshold}): {result['selected']}")

@@ -65,12 +65,15 @@ Precision. Costs come from the matmul expansion ‖x‖² + ‖y‖² − 2 x·y
 first shifted by the same vector (their joint mean), which leaves every distance unchanged but
 removes the large common component of LLM hidden states that would otherwise cancel catastrophically
 in float32. Arithmetic is float32 whatever the input (bf16 hidden states included; float64 inputs stay
-float64), with autocast off and TF32 off for the cost matmul.
+float64), with autocast off and TF32 off for the cost matmul. Squared distances beyond 1/8 of the largest
+float (points ~3e18 from their joint mean in float32) are refused at the entry, naming the input: ⟨P, C⟩
+itself would not be representable, and hidden states that large come from a diverged model.
 """
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 import warnings
 
 import torch
@@ -100,7 +103,33 @@ class SinkhornResult:
 
 
 # -----------------------------------------------------------------------------
-# input checks
+# input checks: each public function checks its arguments once, here; the solver trusts what passed
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+# the solver's settings: name -> (test, what a valid value is); select_layers.py checks its flags with it
+SETTINGS = {
+    "eps_rel": (lambda v: _is_real(v) and 0 < v < math.inf, "a finite number > 0"),
+    "tol": (lambda v: _is_real(v) and 0 < v < 2,
+            "a number in (0, 2) (it bounds the plan's L1 marginal error, which lies in [0, 2])"),
+    "max_iter": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "omega": (lambda v: _is_real(v) and 0 < v < 2, "a number in (0, 2) (1 = plain Sinkhorn)"),
+    "max_bytes": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+}
+
+
+def _check_settings(**settings):
+    for name, value in settings.items():
+        ok, what = SETTINGS[name]
+        if not ok(value):
+            raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,11 +137,23 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _cost_limit(dt: torch.dtype) -> float:
+    """The largest |C| accepted: the ε rule's double centring reaches 4·max|C|; a further factor 2 of margin."""
+    return torch.finfo(dt).max / 8
+
+
+def _overflow(name: str, values: Tensor, bound: float, dt: torch.dtype, hint: str) -> ValueError:
+    return ValueError(f"{name}: values up to {float(values.detach().abs().max()):.1e} overflow "
+                      f"{str(dt).removeprefix('torch.')} in the squared distances (up to {bound:.1e}, "
+                      f"limit {_cost_limit(dt):.1e}); {hint}")
+
+
 def _check_mask(name: str, mask: Optional[Tensor], B: int, n: int, device) -> Tensor:
     if mask is None:
         return torch.ones(B, n, dtype=torch.bool, device=device)
-    if mask.shape != (B, n):
-        raise ValueError(f"{name} must have shape {(B, n)}, got {tuple(mask.shape)}")
+    if not isinstance(mask, Tensor) or mask.shape != (B, n):
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must have shape {(B, n)}, got {got}")
     mask = mask.to(device=device, dtype=torch.bool)
     empty = (~mask.any(1)).nonzero().flatten()
     if len(empty):
@@ -125,7 +166,7 @@ def _check_finite(name: str, t: Tensor):
         raise ValueError(f"{name} contains NaN or inf")
 
 
-def _check_points(name: str, h: Tensor) -> Tensor:
+def _check_cloud(name: str, h: Tensor):
     if not isinstance(h, Tensor) or h.dim() != 3:
         raise ValueError(f"{name} must be a (B, length, d) tensor, got "
                          f"{tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__}")
@@ -133,18 +174,77 @@ def _check_points(name: str, h: Tensor) -> Tensor:
         raise ValueError(f"{name} must be a floating-point tensor, got {h.dtype}")
     if h.shape[1] == 0 or h.shape[2] == 0:
         raise ValueError(f"{name} has an empty dimension: shape {tuple(h.shape)}")
-    return h
 
 
-def _check_pair(x: Tensor, y: Tensor, xname: str, yname: str):
-    _check_points(xname, x)
-    _check_points(yname, y)
+def _check_points(x: Tensor, y: Tensor, x_mask, y_mask, names: Tuple[str, str, str, str]):
+    """Shapes, masks, finite valid points, and squared distances that fit the compute dtype.
+
+    names: how the caller calls (x, y, x_mask, y_mask). Returns the masks (B, n), (B, m) bool."""
+    xname, yname, xmname, ymname = names
+    _check_cloud(xname, x)
+    _check_cloud(yname, y)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"batch sizes differ: {xname} {tuple(x.shape)} vs {yname} {tuple(y.shape)}")
     if x.shape[2] != y.shape[2]:
         raise ValueError(f"hidden sizes differ: {xname} d={x.shape[2]} vs {yname} d={y.shape[2]}")
     if x.device != y.device:
         raise ValueError(f"{xname} is on {x.device}, {yname} on {y.device}")
+    B, n, _ = x.shape
+    x_mask = _check_mask(xmname, x_mask, B, n, x.device)
+    y_mask = _check_mask(ymname, y_mask, B, y.shape[1], x.device)
+    _check_finite(xname, x.detach()[x_mask])
+    _check_finite(yname, y.detach()[y_mask])
+    # every C_ij ≤ (r_x + r_y)², r the largest distance of a point from the joint mean (where C is computed)
+    dt = _compute_dtype(x.dtype)
+    with torch.no_grad():
+        xc, yc = _centred(x.detach(), y.detach(), x_mask, y_mask, dt)
+        rx = float((xc * xc).sum(-1).masked_fill(~x_mask, 0).amax()) ** 0.5
+        ry = float((yc * yc).sum(-1).masked_fill(~y_mask, 0).amax()) ** 0.5
+    if not (rx + ry) ** 2 <= _cost_limit(dt):  # NaN too: the mean itself overflowed
+        xv, yv = x.detach()[x_mask], y.detach()[y_mask]
+        name, v = (yname, yv) if yv.abs().max() > xv.abs().max() else (xname, xv)  # the input with the largest value
+        raise _overflow(name, v, (rx + ry) ** 2, dt, "rescale the inputs or pass float64 tensors")
+    return x_mask, y_mask
+
+
+def _check_cost(C: Tensor, x_mask, y_mask):
+    """A (B, n, m) cost with finite valid entries small enough for the ε rule. Returns C in the compute dtype
+    with padding set to 0 (detached) and the masks."""
+    if not isinstance(C, Tensor) or C.dim() != 3:
+        got = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
+        raise ValueError(f"C must be a (B, n, m) tensor, got {got}")
+    B, n, m = C.shape
+    if B == 0 or n == 0 or m == 0:
+        raise ValueError(f"C has an empty dimension: shape {(B, n, m)}")
+    dt = _compute_dtype(C.dtype)
+    x_mask = _check_mask("x_mask", x_mask, B, n, C.device)
+    y_mask = _check_mask("y_mask", y_mask, B, m, C.device)
+    C = C.detach().to(dt).masked_fill(~(x_mask[:, :, None] & y_mask[:, None, :]), 0.0)
+    _check_finite("C", C)
+    top = float(C.abs().amax())
+    if top > _cost_limit(dt):
+        raise ValueError(f"C: |values| up to {top:.1e} overflow {str(dt).removeprefix('torch.')} in the ε rule "
+                         f"(limit {_cost_limit(dt):.1e}); rescale C")
+    return C, x_mask, y_mask
+
+
+def _check_eps(eps, C: Tensor) -> Optional[Tensor]:
+    """None (the ε rule) or an absolute ε: a number or a (B,) tensor, finite, > 0, with C/ε finite. -> (B,)"""
+    if eps is None:
+        return None
+    B = C.shape[0]
+    if not (_is_real(eps) or (isinstance(eps, Tensor) and eps.shape in ((), (B,)))):
+        got = tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__
+        raise ValueError(f"eps must be a number or a tensor of shape {(B,)} (one per pair), got {got}")
+    eps = torch.as_tensor(eps, dtype=C.dtype, device=C.device).expand(B).clone()
+    if not (torch.isfinite(eps).all() and (eps > 0).all()):
+        raise ValueError(f"eps must be finite and > 0, got {eps.tolist()[:8]}")
+    top = C.flatten(1).abs().amax(1)  # (B,)
+    if not (top / eps <= _cost_limit(C.dtype)).all():
+        k = int((top / eps).argmax())
+        raise ValueError(f"eps={float(eps[k]):.1e} (pair {k}) is too small for C: C/eps overflows "
+                         f"{str(C.dtype).removeprefix('torch.')} (max |C| {float(top[k]):.1e})")
+    return eps
 
 
 # -----------------------------------------------------------------------------
@@ -167,6 +267,29 @@ def _exact_fp32_matmul(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
+def _centred(x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor, dt: torch.dtype):
+    """x, y in dt with padding zeroed, both shifted by the joint mean of their valid points: every distance is
+    unchanged and the large common component of LLM hidden states (which would cancel in float32) is gone.
+    Garbage, even NaN, in the padding reaches neither the cost nor its gradient. -> (B, n, d), (B, m, d)"""
+    x = torch.where(x_mask[..., None], x.to(dt), 0.0)  # (B, n, d)
+    y = torch.where(y_mask[..., None], y.to(dt), 0.0)  # (B, m, d)
+    with torch.no_grad():
+        count = (x_mask.sum(1) + y_mask.sum(1)).to(dt)  # (B,)
+        mu = (x.sum(1) + y.sum(1)) / count[:, None]  # (B, d)
+    return x - mu[:, None, :], y - mu[:, None, :]
+
+
+def _sq_cost(x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor) -> Tensor:
+    """C[b, i, j] = ‖x[b, i] − y[b, j]‖² of checked inputs, (B, n, m), differentiable, 0 on padding."""
+    with _exact_fp32_matmul(x.device):
+        x, y = _centred(x, y, x_mask, y_mask, _compute_dtype(x.dtype))
+        xx = (x * x).sum(-1)  # (B, n)
+        yy = (y * y).sum(-1)  # (B, m)
+        C = torch.baddbmm(xx[:, :, None] + yy[:, None, :], x, y.transpose(1, 2), alpha=-2.0)  # (B, n, m)
+    C = C.clamp_min(0.0)
+    return C.masked_fill(~(x_mask[:, :, None] & y_mask[:, None, :]), 0.0)
+
+
 def sq_euclidean_cost(x: Tensor, y: Tensor, x_mask: Optional[Tensor] = None,
                       y_mask: Optional[Tensor] = None) -> Tensor:
     """C[b, i, j] = ‖x[b, i] − y[b, j]‖² for a batch of point-cloud pairs.
@@ -174,27 +297,8 @@ def sq_euclidean_cost(x: Tensor, y: Tensor, x_mask: Optional[Tensor] = None,
     x: (B, n, d), y: (B, m, d), masks (B, n) / (B, m) bool (True = valid). Returns (B, n, m) in float32
     (float64 for float64 input), differentiable in x and y, clamped at 0, and 0 on padded entries.
     """
-    _check_pair(x, y, "x", "y")
-    B, n, d = x.shape
-    m = y.shape[1]
-    dt = _compute_dtype(x.dtype)
-    x_mask = _check_mask("x_mask", x_mask, B, n, x.device)
-    y_mask = _check_mask("y_mask", y_mask, B, m, x.device)
-    with _exact_fp32_matmul(x.device):
-        # zero the padding first: garbage (even NaN) there must not reach the cost or its gradient
-        x = torch.where(x_mask[..., None], x.to(dt), 0.0)  # (B, n, d)
-        y = torch.where(y_mask[..., None], y.to(dt), 0.0)  # (B, m, d)
-        with torch.no_grad():
-            # one shift for both clouds: distances are unchanged, the common component is gone
-            count = (x_mask.sum(1) + y_mask.sum(1)).to(dt)  # (B,)
-            mu = (x.sum(1) + y.sum(1)) / count[:, None]  # (B, d)
-        x = x - mu[:, None, :]
-        y = y - mu[:, None, :]
-        xx = (x * x).sum(-1)  # (B, n)
-        yy = (y * y).sum(-1)  # (B, m)
-        C = torch.baddbmm(xx[:, :, None] + yy[:, None, :], x, y.transpose(1, 2), alpha=-2.0)  # (B, n, m)
-    C = C.clamp_min(0.0)
-    return C.masked_fill(~(x_mask[:, :, None] & y_mask[:, None, :]), 0.0)
+    x_mask, y_mask = _check_points(x, y, x_mask, y_mask, ("x", "y", "x_mask", "y_mask"))
+    return _sq_cost(x, y, x_mask, y_mask)
 
 
 # -----------------------------------------------------------------------------
@@ -340,31 +444,22 @@ def sinkhorn(C: Tensor, x_mask: Optional[Tensor] = None, y_mask: Optional[Tensor
     Returns a SinkhornResult with cost ⟨P, C⟩ (B,), eps, err, iters, converged, and plan (B, n, m).
     No gradient flows through it: see `ot_loss` for the loss.
     """
-    if not isinstance(C, Tensor) or C.dim() != 3:
-        got = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
-        raise ValueError(f"C must be a (B, n, m) tensor, got {got}")
-    B, n, m = C.shape
-    if B == 0 or n == 0 or m == 0:
-        raise ValueError(f"C has an empty dimension: shape {(B, n, m)}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if not 0 < omega < 2:
-        raise ValueError(f"omega must be in (0, 2), got {omega}")
-    if not eps_rel > 0:
-        raise ValueError(f"eps_rel must be > 0, got {eps_rel}")
-    dt = _compute_dtype(C.dtype)
-    x_mask = _check_mask("x_mask", x_mask, B, n, C.device)
-    y_mask = _check_mask("y_mask", y_mask, B, m, C.device)
-    with torch.no_grad():
-        C = C.detach().to(dt).masked_fill(~(x_mask[:, :, None] & y_mask[:, None, :]), 0.0)
-        _check_finite("C", C)
-        la, lb = _log_marginal(x_mask, dt), _log_marginal(y_mask, dt)
-        eps = _resolve_eps(C, la, lb, eps, eps_rel)
-        K = C / eps[:, None, None]  # (B, n, m) cost in units of ε
-        cost, err, iters, plan = _sinkhorn_core(K, eps, la, lb, tol=tol, max_iter=max_iter, omega=omega,
-                                                 want_plan=return_plan)
+    _check_settings(eps_rel=eps_rel, tol=tol, max_iter=max_iter, omega=omega)
+    C, x_mask, y_mask = _check_cost(C, x_mask, y_mask)
+    return _solve(C, x_mask, y_mask, _check_eps(eps, C), eps_rel=eps_rel, tol=tol, max_iter=max_iter, omega=omega,
+                  return_plan=return_plan)
+
+
+@torch.no_grad()
+def _solve(C: Tensor, x_mask: Tensor, y_mask: Tensor, eps: Optional[Tensor], *, eps_rel: float, tol: float,
+           max_iter: int, omega: float, return_plan: bool) -> SinkhornResult:
+    """`sinkhorn` on checked inputs: C (B, n, m) detached, in the compute dtype, 0 on padding; eps (B,) or None."""
+    la, lb = _log_marginal(x_mask, C.dtype), _log_marginal(y_mask, C.dtype)
+    if eps is None:
+        eps = _eps_from_cost(C, la, lb, eps_rel)
+    K = C / eps[:, None, None]  # (B, n, m) cost in units of ε
+    cost, err, iters, plan = _sinkhorn_core(K, eps, la, lb, tol=tol, max_iter=max_iter, omega=omega,
+                                             want_plan=return_plan)
     return SinkhornResult(cost=cost, eps=eps, err=err, iters=iters, converged=err < tol, plan=plan)
 
 
@@ -375,23 +470,10 @@ def relative_eps(C: Tensor, x_mask: Optional[Tensor] = None, y_mask: Optional[Te
     C: (B, n, m), masks (B, n) / (B, m). Returns (B,). Exposed so that another solver (POT in the tests
     and the benchmark) can be run at exactly the same ε.
     """
-    B, n, m = C.shape
-    dt = _compute_dtype(C.dtype)
-    x_mask = _check_mask("x_mask", x_mask, B, n, C.device)
-    y_mask = _check_mask("y_mask", y_mask, B, m, C.device)
+    _check_settings(eps_rel=eps_rel)
+    C, x_mask, y_mask = _check_cost(C, x_mask, y_mask)
     with torch.no_grad():
-        C = C.detach().to(dt).masked_fill(~(x_mask[:, :, None] & y_mask[:, None, :]), 0.0)
-        return _eps_from_cost(C, _log_marginal(x_mask, dt), _log_marginal(y_mask, dt), eps_rel)
-
-
-def _resolve_eps(C: Tensor, la: Tensor, lb: Tensor, eps, eps_rel: float) -> Tensor:
-    B = C.shape[0]
-    if eps is None:
-        return _eps_from_cost(C, la, lb, eps_rel)
-    eps = torch.as_tensor(eps, dtype=C.dtype, device=C.device).expand(B).clone()
-    if not (torch.isfinite(eps).all() and (eps > 0).all()):
-        raise ValueError(f"eps must be finite and > 0, got {eps.tolist()[:8]}")
-    return eps
+        return _eps_from_cost(C, _log_marginal(x_mask, C.dtype), _log_marginal(y_mask, C.dtype), eps_rel)
 
 
 def _warn_unconverged(converged: Tensor, err: Tensor, tol: float, where: str):
@@ -417,17 +499,12 @@ def ot_loss(h_speech: Tensor, h_text: Tensor, speech_mask: Optional[Tensor] = No
     (P is a constant: envelope theorem, no graph through the Sinkhorn iterations); h_text is detached.
     Sum the layers' losses as Eq. (6) says. With return_result, also the SinkhornResult (plans included).
     """
-    _check_pair(h_speech, h_text, "h_speech", "h_text")
-    B, n, _ = h_speech.shape
-    m = h_text.shape[1]
-    speech_mask = _check_mask("speech_mask", speech_mask, B, n, h_speech.device)
-    text_mask = _check_mask("text_mask", text_mask, B, m, h_speech.device)
-    _check_finite("h_speech", h_speech.detach()[speech_mask])
-    _check_finite("h_text", h_text.detach()[text_mask])
-
-    C = sq_euclidean_cost(h_speech, h_text.detach(), speech_mask, text_mask)  # (B, n, m), grad to h_speech
-    res = sinkhorn(C.detach(), speech_mask, text_mask, eps=eps, eps_rel=eps_rel, tol=tol,
-                   max_iter=max_iter, omega=omega, return_plan=True)
+    _check_settings(eps_rel=eps_rel, tol=tol, max_iter=max_iter, omega=omega)
+    speech_mask, text_mask = _check_points(h_speech, h_text, speech_mask, text_mask,
+                                           ("h_speech", "h_text", "speech_mask", "text_mask"))
+    C = _sq_cost(h_speech, h_text.detach(), speech_mask, text_mask)  # (B, n, m), grad to h_speech
+    res = _solve(C.detach(), speech_mask, text_mask, _check_eps(eps, C.detach()), eps_rel=eps_rel, tol=tol,
+                 max_iter=max_iter, omega=omega, return_plan=True)
     _warn_unconverged(res.converged, res.err, tol, "ot_loss")
     loss = (res.plan * C).sum((1, 2))  # (B,) envelope theorem: ∇_C = P, P held constant
     return (loss, res) if return_result else loss
@@ -481,13 +558,17 @@ def wasserstein_matrix(speech: Sequence[Tensor], text: Sequence[Tensor], *, devi
     (cs·n, d) @ (d, ct·m), not a loop over pairs.
     Returns D (N, M) float32 on the CPU; with return_stats also a dict (max_err, max_iters, unconverged).
     """
+    _check_settings(eps_rel=eps_rel, tol=tol, max_iter=max_iter, omega=omega)
+    if max_bytes is not None:
+        _check_settings(max_bytes=max_bytes)
     d = _check_seqs(speech, "speech")
     if _check_seqs(text, "text") != d:
         raise ValueError(f"speech has d={d} but text has d={text[0].shape[1]}")
-    device = torch.device(device) if device is not None else speech[0].device
+    try:
+        device = torch.device(device) if device is not None else speech[0].device
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r}: {e}") from None
     max_bytes = MAX_BYTES.get(device.type, MAX_BYTES["cuda"]) if max_bytes is None else max_bytes
-    if max_bytes < 1:
-        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
     dt = _compute_dtype(torch.promote_types(speech[0].dtype, text[0].dtype))
     N, M = len(speech), len(text)
 
@@ -497,6 +578,12 @@ def wasserstein_matrix(speech: Sequence[Tensor], text: Sequence[Tensor], *, devi
     X, xlen, xorder = _pack(speech, mu, device, dt)  # (N, n_max, d)
     Y, ylen, yorder = _pack(text, mu, device, dt)  # (M, m_max, d)
     xx, yy = (X * X).sum(-1), (Y * Y).sum(-1)  # (N, n_max), (M, m_max)
+    # every D_ij ≤ (r_s + r_t)², r the largest distance of a point from the mean; D is returned in float32
+    bound = (float(xx.max()) ** 0.5 + float(yy.max()) ** 0.5) ** 2
+    if not bound <= _cost_limit(torch.float32):  # NaN too: the mean itself overflowed
+        named = [(f"speech[{k}]", s) for k, s in enumerate(speech)] + [(f"text[{k}]", t) for k, t in enumerate(text)]
+        name, h = max(named, key=lambda nh: float(nh[1].abs().max()))  # the sequence holding the largest value
+        raise _overflow(name, h, bound, torch.float32, "rescale the inputs")
 
     # chunk of cs speech × ct text pairs: WORK_TENSORS (pairs, n_max, m_max) tensors within max_bytes
     per_pair = WORK_TENSORS * X.shape[1] * Y.shape[1] * X.element_size()

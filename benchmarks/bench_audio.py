@@ -4,6 +4,7 @@ WhisperEncoder.
 
     python benchmarks/bench_audio.py [--batch 16] [--seconds 30] [--repeats 10] [--threads N]
     python benchmarks/bench_audio.py --device cuda --dtype bf16 --real-size   # + whisper-large-v2 and BEATs on a GPU
+    python benchmarks/bench_audio.py --resample --threads 1    # data.resample from 14 rates, 1 kHz..384 kHz
 
 Each comparison is one function that times our code and the reference on the same inputs (a warm-up call
 first, then the best of --repeats, the two taking turns) and returns (ours_s, ref_s). main() prints one line
@@ -141,6 +142,59 @@ def bench_beats(device: torch.device, dtype: torch.dtype, batch: int, repeats: i
         return race(lambda: model(fbank), lambda: None, repeats, device)[0]
 
 
+RESAMPLE_RATES = [44100, 48000, 8000, 22050, 32000, 88200, 96000, 192000, 384000,  # common rates
+                  11127, 16001, 22254, 47999, 96001, 383999]                          # odd ones (small gcd)
+
+
+def resample_quality(sr: int) -> tuple[float, float]:
+    """(error in dB of tones below 7 kHz against the same tones made at 16 kHz, attenuation in dB of a tone at
+    8008 Hz, just above the new Nyquist frequency), 2 s of float64 tones, 800 samples left out at each edge."""
+    def tones(rate, n, freqs):
+        t = np.arange(n) / rate
+        return sum(0.15 * np.sin(2 * np.pi * f * t + k) for k, f in enumerate(freqs))
+    n = 2 * sr + 17
+    freqs = [f for f in (100, 440, 1000, 2500, 5000, 6900) if f < 0.4 * sr]
+    y = data.resample(torch.from_numpy(tones(sr, n, freqs)).float(), sr, data.SAMPLE_RATE).numpy()[800:-800]
+    ref = tones(data.SAMPLE_RATE, math.ceil(n * data.SAMPLE_RATE / sr), freqs)[800:-800]
+    error = 10 * math.log10(((y - ref) ** 2).sum() / (ref ** 2).sum())
+    if sr <= 2 * 8008:
+        return error, float("nan")
+    x = tones(sr, n, [8008])
+    y = data.resample(torch.from_numpy(x).float(), sr, data.SAMPLE_RATE).numpy().astype(np.float64)[800:-800]
+    return error, 10 * math.log10((y ** 2).mean() / (x ** 2).mean())
+
+
+def bench_resample(seconds: float, repeats: int) -> dict[int, float]:
+    """data.resample of `seconds` of noise from each rate to 16 kHz: the first call (which designs the filter
+    bank), the best later call, the bank's size, the quality (resample_quality); and soxr's VHQ resampler
+    (libsoxr, the library ffmpeg and librosa use) on the same input, if it is installed.
+    Returns {rate: best seconds}."""
+    try:
+        import soxr
+    except ImportError:
+        soxr = None
+    times = {}
+    for sr in RESAMPLE_RATES:
+        x = torch.randn(int(seconds * sr), generator=torch.Generator().manual_seed(sr))
+        data._BANKS.clear()
+        start = time.perf_counter()
+        data.resample(x, sr, data.SAMPLE_RATE)
+        first = time.perf_counter() - start
+        times[sr] = race(lambda: data.resample(x, sr, data.SAMPLE_RATE), lambda: None, repeats)[0]
+        bank = sum(data._bank_shape(*stage[:4])[0] * data._bank_shape(*stage[:4])[1] * data._bank_shape(*stage[:4])[2]
+                   for stage in data._resample_stages(sr, data.SAMPLE_RATE))
+        error, stop = resample_quality(sr)
+        line = (f"resample {sr:6d} Hz: {times[sr] * 1e3:7.1f} ms ({times[sr] / times[44100]:.2f} x 44.1 kHz), "
+                f"first call {first * 1e3:7.1f} ms, bank {bank * 4 / 2**20:5.1f} MB, tones < 7 kHz {error:6.1f} dB, "
+                f"8008 Hz {stop:6.1f} dB")
+        if soxr is not None:
+            xs = x.numpy()
+            t_soxr = race(lambda: soxr.resample(xs, sr, data.SAMPLE_RATE, quality="VHQ"), lambda: None, repeats)[0]
+            line += f", soxr VHQ {t_soxr * 1e3:7.1f} ms"
+        print(line)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
@@ -149,11 +203,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the encoders run (the features run on the CPU)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the encoders' dtype")
+    parser.add_argument("--resample", action="store_true",
+                        help="only time data.resample from each of RESAMPLE_RATES to 16 kHz (--seconds of noise)")
     parser.add_argument("--real-size", action="store_true",
                         help="time whisper-large-v2 (and BEATs) on --batch x 30 s instead of a small encoder on 2")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.resample:
+        times = bench_resample(args.seconds, args.repeats)
+        print(f"resample_worst_ratio={max(times.values()) / times[44100]:.3f} "
+              f"resample_worst_rate={max(times, key=times.get)}")
+        return
     clips = make_clips(args.batch, args.seconds)
     print(f"batch {args.batch} x {args.seconds:g} s at 16 kHz, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs, load average "

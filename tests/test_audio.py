@@ -276,23 +276,52 @@ def resampled_error_db(orig_sr: int, freqs, seconds=2.0, edge=800) -> float:
     return error_db(y.numpy()[edge:-edge], ref[edge:-edge])
 
 
-@pytest.mark.parametrize("orig_sr", [48000, 44100, 22050, 32000])
+# Measured (tones, away from the edges): -119 to -122 dB below 7 kHz at every rate here, -100.8 dB at 8008 Hz,
+# -110 dB at 8.5 kHz. The thresholds leave 10-20 dB of room. 16001 and 11127 Hz are the odd rates that once
+# needed 2 GB and 7.4 GB of filter bank; 88201 goes through the two-stage path with an odd first stage.
+@pytest.mark.parametrize("orig_sr", [48000, 44100, 22050, 32000, 16001, 11127, 88201])
 def test_resample_passes_tones_below_7khz(orig_sr):
-    assert resampled_error_db(orig_sr, [100, 440, 1000, 2500, 5000, 6900]) <= -40.0
+    freqs = [f for f in [100, 440, 1000, 2500, 5000, 6900] if f < 0.4 * orig_sr]
+    assert resampled_error_db(orig_sr, freqs) <= -100.0
 
 
 def test_resample_upsamples_8khz():
-    assert resampled_error_db(8000, [100, 440, 1000, 2500, 3500]) <= -40.0
+    assert resampled_error_db(8000, [100, 440, 1000, 2500, 3500]) <= -100.0
 
 
-@pytest.mark.parametrize("freq", [8500, 10000])
-@pytest.mark.parametrize("orig_sr", [48000, 44100, 22050])
+@pytest.mark.parametrize("freq", [8500, 10000, 40100])
+@pytest.mark.parametrize("orig_sr", [48000, 44100, 22050, 96000, 88201])
 def test_resample_rejects_tones_above_8khz(orig_sr, freq):
+    if freq >= orig_sr / 2:
+        pytest.skip("above the input's Nyquist frequency")
     n = 2 * orig_sr
-    x = tones(orig_sr, n, [freq])  # above 16 kHz's Nyquist: 8.5 kHz would alias to 7.5 kHz, 10 kHz to 6 kHz
-    y = data.resample(torch.from_numpy(x).float(), orig_sr, SR).numpy().astype(np.float64)
+    x = tones(orig_sr, n, [freq])  # above 16 kHz's Nyquist: 8.5 kHz would alias to 7.5 kHz, 10 kHz to 6 kHz,
+    y = data.resample(torch.from_numpy(x).float(), orig_sr, SR).numpy().astype(np.float64)  # 40.1 kHz to 100 Hz
     attenuation_db = 10 * math.log10((y[800:-800] ** 2).mean() / (x**2).mean())
-    assert attenuation_db <= -60.0
+    assert attenuation_db <= -100.0
+
+
+def test_resample_bank_cache_stays_within_its_budget(monkeypatch):
+    x = torch.from_numpy(SIGNALS["speech-like 7 s"])[:SR]
+    monkeypatch.setattr(data, "_BANKS", {})
+    monkeypatch.setattr(data, "_BANK_CACHE", 50_000)  # numbers; the banks below hold 10 k to 38 k each
+    for sr in (44100, 8000, 32000, 24000, 44100):
+        y = data.resample(x, sr, SR)
+        assert sum(bank.numel() for bank, _, _ in data._BANKS.values()) <= 50_000
+        torch.testing.assert_close(y, data.resample(x, sr, SR), rtol=0, atol=0)  # the same with the bank cached
+    assert len(data._BANKS) == 2  # 44.1 kHz's two stages (7.5 k + 38 k) evicted everything else
+
+
+def test_resample_bank_is_bounded_at_every_rate():
+    """The weights of every stage stay below 9.5 M numbers (38 MB) for rates from 1 kHz to 384 kHz (a sweep of
+    the bank's shape, which is integer arithmetic; designing them all would take hours)."""
+    rates = list(range(1000, 384001, 997)) + [11127, 16001, 22254, 32001, 47999, 96001, 383999, 384000]
+    worst = 0
+    for sr in rates:
+        for rate_in, rate_out, cutoff, zeros, _ in data._resample_stages(sr, SR):
+            q, kb, p, _ = data._bank_shape(rate_in, rate_out, cutoff, zeros)
+            worst = max(worst, q * kb * p)
+    assert worst <= 9.5e6
 
 
 def test_resample_identity_and_batch():

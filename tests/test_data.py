@@ -2,8 +2,8 @@
 import json
 import math
 import re
-import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,7 +69,7 @@ def test_manifest_names_the_bad_line_and_field(tmp_path, line, message):
     m = tmp_path / "m.jsonl"
     good = json.dumps({"id": "g", "audio": "g.wav", "task": "asr", "transcript": "fine"})
     m.write_text(good + "\n" + line + "\n")
-    with pytest.raises(data.ManifestError, match=re.escape(f"m.jsonl:2: ") + ".*" + re.escape(message)):
+    with pytest.raises(data.ManifestError, match=re.escape("m.jsonl:2: ") + ".*" + re.escape(message)):
         data.read_manifest(m)
 
 
@@ -105,6 +105,7 @@ def test_write_manifest_is_atomic(tmp_path):
 
 # ---- segments -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ext, sr, kw", [("flac", 16000, {}), ("wav", 44100, {"subtype": "FLOAT"}),
+                                         ("wav", 16001, {"subtype": "FLOAT"}),  # an odd rate: 16000 phases
                                          ("mp3", 48000, {}), ("opus", 48000, {"format": "OGG", "subtype": "OPUS"})])
 def test_segment_equals_slicing_the_whole_file(tmp_path, ext, sr, kw):
     rng = np.random.default_rng(0)
@@ -283,9 +284,11 @@ def test_unreadable_files_fail_clearly_or_are_skipped(corpus, tmp_path):
     bad = tmp_path / "clips" / "3.flac"
     bad.write_bytes(b"fLaC" + bytes(300))                          # a corrupt file in the middle of the manifest
     ds = data.SpeechDataset(corpus[0], instructions=INSTRUCTIONS)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ds.collate, num_workers=1)
+    batches = iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ds.collate, num_workers=1))
     with pytest.raises(data.AudioError, match=re.escape(f"entry 'u3': cannot decode audio file {bad}")):
-        list(loader)
+        next(batches)
+    # torch's iterator, garbage-collected after a worker's error, waits 5 s for the worker; shut it down now
+    batches._shutdown_workers()
     skipping = data.SpeechDataset(corpus[0], instructions=INSTRUCTIONS, skip_bad=True)
     with pytest.warns(UserWarning, match=re.escape(f"entry 'u3': cannot decode audio file {bad}")):
         batches = list(torch.utils.data.DataLoader(skipping, batch_size=4, collate_fn=skipping.collate))
@@ -319,3 +322,213 @@ def test_load_batch_equals_each_clip_alone(tmp_path):
         torch.testing.assert_close(mel[i], data.log_mel_spectrogram(wav), rtol=0, atol=1e-5)
         n = (wav.shape[0] - 400) // 160 + 1
         torch.testing.assert_close(fbank[i, :n], data.beats_fbank(wav), rtol=0, atol=1e-4)
+
+
+# ---- corpora, in each publisher's layout --------------------------------------------------------------------
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def prepare(capsys, *argv):
+    code = data.main(["prepare", *map(str, argv)])
+    return code, capsys.readouterr().out
+
+
+def test_prepare_covost2_split_tsv_and_released_tsv(tmp_path, capsys):
+    root = tmp_path / "covost"
+    (root / "clips").mkdir(parents=True)
+    for i in (1, 2, 3):
+        write_clip(root / "clips" / f"common_voice_en_{i}.mp3", 1.0, sr=48000)
+    # as get_covost_splits.py writes it: tab-separated, no quoting, backslash escapes (a tab inside a field is \<TAB>)
+    (root / "covost_v2.en_zh-CN.dev.tsv").write_text(
+        "path\tsentence\ttranslation\tclient_id\n"
+        "common_voice_en_1.mp3\tHe said \"hi\",\\\tthen left.\t他说\"嗨\"，然后走了。\tc1\n"
+        "common_voice_en_2.mp3\tNo translation here.\t\tc2\n"
+        "common_voice_en_3.mp3\tIt's 5 o'clock.\t五点了。\tc3\n"
+        "common_voice_en_4.mp3\tMissing audio.\t音频缺失。\tc4\n", encoding="utf-8")
+    out = tmp_path / "m" / "covost_dev.jsonl"
+    code, printed = prepare(capsys, "covost2", "--root", root, "--out", out, "--split", "dev")
+    assert code == 0
+    assert "skipped common_voice_en_2: empty transcript or translation" in printed
+    assert "skipped common_voice_en_4: missing audio file" in printed and "wrote" in printed and "2 entries" in printed
+    rows = read_lines(out)
+    assert [r["id"] for r in rows] == ["common_voice_en_1", "common_voice_en_3"]
+    assert rows[0]["transcript"] == 'He said "hi",\tthen left.' and rows[0]["translation"] == '他说"嗨"，然后走了。'
+    assert rows[0]["tgt_lang"] == "zh" and rows[0]["task"] == "st" and rows[0]["duration"] == 1.0
+    assert [data.task_key(e) for e in data.read_manifest(out)] == ["st_en_zh", "st_en_zh"]
+    # the released TSV (path, translation, split) joined with Common Voice's validated.tsv, train = train + train_covost
+    (root / "covost_v2.en_ja.tsv").write_text(
+        "path\ttranslation\tsplit\n" "common_voice_en_1.mp3\t彼は言った\ttrain\n"
+        "common_voice_en_3.mp3\t五時です\ttrain_covost\n" "common_voice_en_2.mp3\tテスト\tdev\n"
+        "common_voice_en_9.mp3\t無い\ttrain\n", encoding="utf-8")
+    (tmp_path / "validated.tsv").write_text(
+        "client_id\tpath\tsentence\tup_votes\n" "c1\tcommon_voice_en_1.mp3\tHe said hi.\t2\n"
+        "c3\tcommon_voice_en_3.mp3\tIt's five.\t2\n" "c2\tcommon_voice_en_2.mp3\tA test.\t2\n", encoding="utf-8")
+    code, printed = prepare(capsys, "covost2", "--root", root, "--out", out, "--tgt-lang", "ja",
+                            "--cv-tsv", tmp_path / "validated.tsv")
+    assert code == 0 and "skipped common_voice_en_9: not in" in printed
+    assert [(r["id"], r["transcript"], r["translation"], r["tgt_lang"]) for r in read_lines(out)] == [
+        ("common_voice_en_1", "He said hi.", "彼は言った", "ja"), ("common_voice_en_3", "It's five.", "五時です", "ja")]
+
+
+def test_prepare_librispeech(tmp_path, capsys):
+    root = tmp_path / "LibriSpeech"
+    chapter = root / "test-clean" / "1089" / "134686"
+    chapter.mkdir(parents=True)
+    (chapter / "1089-134686.trans.txt").write_text(
+        "1089-134686-0000 HE HOPED THERE WOULD BE STEW FOR DINNER\n"
+        "1089-134686-0001 STUFF IT INTO YOU HIS BELLY COUNSELLED HIM\n"
+        "1089-134686-0002 AFTER EARLY NIGHTFALL THE YELLOW LAMPS WOULD LIGHT UP\n")
+    write_clip(chapter / "1089-134686-0000.flac", 1.5)
+    write_clip(chapter / "1089-134686-0001.flac", 0.8)                       # 0002 has no flac
+    out = root / "test_clean.jsonl"                                           # inside the tree: relative paths
+    code, printed = prepare(capsys, "librispeech", "--root", root, "--out", out)
+    assert code == 0 and "skipped 1089-134686-0002: missing audio file" in printed and "0.00 h" in printed
+    rows = read_lines(out)
+    assert rows[0] == {"id": "1089-134686-0000", "audio": "test-clean/1089/134686/1089-134686-0000.flac",
+                       "task": "asr", "lang": "en", "transcript": "He hoped there would be stew for dinner",
+                       "duration": 1.5}
+    code, _ = prepare(capsys, "librispeech", "--root", root, "--out", out, "--case", "lower", "--splits", "test-clean")
+    assert read_lines(out)[1]["transcript"] == "stuff it into you his belly counselled him"
+    code, printed = prepare(capsys, "librispeech", "--root", root, "--out", out, "--splits", "dev-clean")
+    assert code == 1 and read_lines(out)[1]["transcript"].startswith("stuff")   # the old manifest is untouched
+
+
+def test_prepare_gigaspeech_segments_tags_and_subsets(tmp_path, capsys):
+    root = tmp_path / "GigaSpeech"
+    (root / "audio" / "podcast" / "P0001").mkdir(parents=True)
+    write_clip(root / "audio" / "podcast" / "P0001" / "POD0000000001.opus", 6.0, format="OGG", subtype="OPUS")
+    seg = lambda sid, b, e, text, subsets: {"sid": sid, "speaker": "N/A", "begin_time": b, "end_time": e,
+                                            "text_tn": text, "subsets": subsets}
+    meta = {"dataset": "GigaSpeech", "audios": [
+        {"aid": "POD0000000001", "path": "audio/podcast/P0001/POD0000000001.opus", "duration": 6.0, "format": "opus",
+         "sample_rate": 16000, "source": "podcast", "segments": [
+             seg("POD0000000001_S0000000", 0.0, 1.52, "AS THEY'RE LEAVING <COMMA> CAN KASH PULL ZAHRA ASIDE <QUESTIONMARK>",
+                 ["{XL}", "{L}", "{M}", "{S}"]),
+             seg("POD0000000001_S0000001", 1.52, 2.5, "<MUSIC>", ["{XL}", "{M}"]),
+             seg("POD0000000001_S0000002", 2.5, 4.0, "THAT'S ALL <PERIOD> THANKS <EXCLAMATIONPOINT>", ["{XL}", "{L}"]),
+             seg("POD0000000001_S0000003", 4.0, 5.95, "SEE YOU <PERIOD> BYE <PERIOD>", ["{XL}", "{M}"]),
+             seg("POD0000000001_S0000004", 5.9, 7.5, "PAST THE END", ["{XL}", "{M}"])]},
+        {"aid": "POD0000000002", "path": "audio/podcast/P0001/POD0000000002.opus", "duration": 3.0, "format": "opus",
+         "sample_rate": 16000, "source": "podcast", "segments": [
+             seg("POD0000000002_S0000000", 0.0, 1.0, "NO FILE", ["{XL}", "{M}"])]}]}
+    (root / "GigaSpeech.json").write_text(json.dumps(meta))
+    out = tmp_path / "gs_m.jsonl"
+    code, printed = prepare(capsys, "gigaspeech", "--root", root, "--out", out)
+    assert code == 0
+    assert "skipped POD0000000001_S0000001: garbage tag <MUSIC>" in printed
+    assert "skipped POD0000000001_S0000004: segment ends at 7.5 s, after the end of" in printed
+    assert "skipped POD0000000002_S0000000: missing audio file" in printed
+    rows = read_lines(out)
+    assert [(r["id"], r["start"], r["end"], r["transcript"]) for r in rows] == [
+        ("POD0000000001_S0000000", 0.0, 1.52, "As they're leaving, can kash pull zahra aside?"),
+        ("POD0000000001_S0000003", 4.0, 5.95, "See you. Bye.")]
+    assert rows[0]["audio"] == "GigaSpeech/audio/podcast/P0001/POD0000000001.opus"   # relative to the manifest
+    entry = data.read_manifest(out)[1]
+    wav = data.load_audio(entry["audio"], entry["start"], entry["end"])
+    assert wav.shape == (round(1.95 * SR),)
+
+
+def test_prepare_audiocaps_finds_every_downloader_naming(tmp_path, capsys):
+    root = tmp_path / "audiocaps"
+    (root / "audio" / "train").mkdir(parents=True)
+    write_clip(root / "audio" / "train" / "vfY_TJq7n_U_130.flac", 1.0)      # aac-datasets' {youtube_id}_{start}
+    write_clip(root / "audio" / "train" / "Ytdwhhv3x25Q.wav", 1.0, sr=32000)  # AudioSet style Y{youtube_id}
+    write_clip(root / "audio" / "107898.wav", 1.0)                              # {audiocap_id}
+    (root / "train.csv").write_text(
+        "audiocap_id,youtube_id,start_time,caption\n"
+        '97151,vfY_TJq7n_U,130,"Rustling occurs, ducks quack and water splashes"\n'
+        "108945,tdwhhv3x25Q,60,An audience gives applause as a man yells\n"
+        "107898,tw76HGONaKg,570,A man speaks over intermittent keyboard taps\n"
+        '109001,vfY_TJq7n_U,130,""\n'
+        "107893,y2bVZ7rz-5M,280,Motor noise is followed by a horn honking\n", encoding="utf-8")
+    out = tmp_path / "ac.jsonl"
+    code, printed = prepare(capsys, "audiocaps", "--root", root, "--out", out)
+    assert code == 0 and "skipped 109001: empty caption" in printed
+    assert "skipped 107893: missing audio file (looked for y2bVZ7rz-5M_280.*" in printed
+    rows = read_lines(out)
+    assert [(r["id"], Path(r["audio"]).name) for r in rows] == [
+        ("97151", "vfY_TJq7n_U_130.flac"), ("108945", "Ytdwhhv3x25Q.wav"), ("107898", "107898.wav")]
+    assert rows[0]["caption"] == "Rustling occurs, ducks quack and water splashes" and rows[0]["task"] == "aac"
+
+
+def test_prepare_clotho_five_captions_per_file(tmp_path, capsys):
+    root = tmp_path / "clotho"
+    (root / "evaluation").mkdir(parents=True)
+    write_clip(root / "evaluation" / "Radio Garble.wav", 1.2, sr=44100)
+    (root / "clotho_captions_evaluation.csv").write_text(
+        "file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n"
+        '"Radio Garble.wav","A radio dispatcher and an officer, talking.",Static on a walkie-talkie.,,'
+        '"A café\'s ""noisy"" radio.",People talking through a radio.\n'
+        "missing.wav,a,b,c,d,e\n", encoding="utf-8")
+    out = tmp_path / "clotho_eval.jsonl"
+    code, printed = prepare(capsys, "clotho", "--root", root, "--out", out, "--split", "evaluation")
+    assert code == 0 and "skipped Radio Garble_3: empty caption" in printed
+    assert all(f"skipped missing_{k}: missing audio file" in printed for k in range(1, 6))
+    rows = read_lines(out)
+    assert [r["id"] for r in rows] == ["Radio Garble_1", "Radio Garble_2", "Radio Garble_4", "Radio Garble_5"]
+    assert rows[0]["caption"] == "A radio dispatcher and an officer, talking." and rows[2]["caption"] == 'A café\'s "noisy" radio.'
+
+
+def test_prepare_wavcaps_drops_clips_over_180_s_by_header(tmp_path, capsys):
+    root = tmp_path / "WavCaps"
+    for source in data.WAVCAPS_SOURCES:
+        (root / "json_files" / source).mkdir(parents=True)
+    nested = root / "Zip_files" / "mnt" / "AudioSet_SL_flac"                 # unzipped archives nest folders
+    nested.mkdir(parents=True)
+    (root / "bbc").mkdir()
+    write_clip(nested / "Y--0w1YA1Hm4.flac", 1.0, sr=32000)
+    write_clip(root / "bbc" / "07070263.flac", 1.0, sr=32000)
+    sf.write(root / "bbc" / "07070264.flac", np.zeros(181 * 1000, dtype=np.float32), 1000)  # 181 s, tiny
+    item = lambda i, caption, duration: {"id": i, "caption": caption, "audio": "wav_path", "duration": duration}
+    (root / "json_files" / "AudioSet_SL" / "as_final.json").write_text(json.dumps(
+        {"num_captions_per_audio": 1, "data": [item("Y--0w1YA1Hm4.wav", "A vehicle engine revs.", 10.0)]}))
+    (root / "json_files" / "BBC_Sound_Effects" / "bbc_final.json").write_text(json.dumps(
+        {"num_captions_per_audio": 1, "data": [item("07070263", "Footsteps on gravel.", 1.0),
+                                               item("07070264", "A long ambience.", 181.0),
+                                               item("07070265", "Missing file.", 3.0)]}))
+    (root / "json_files" / "FreeSound" / "fsd_final.json").write_text(json.dumps({"num_captions_per_audio": 1, "data": []}))
+    (root / "json_files" / "SoundBible" / "sb_final.json").write_text(json.dumps([item("2219", "", 14.1)]))
+    out = tmp_path / "wavcaps.jsonl"
+    code, printed = prepare(capsys, "wavcaps", "--root", root, "--out", out)
+    assert code == 0
+    assert "skipped BBC_Sound_Effects/07070264: too long: 181.0 s > 180 s" in printed
+    assert "skipped BBC_Sound_Effects/07070265: missing audio file 07070265.flac" in printed
+    assert "skipped SoundBible/2219: empty caption" in printed
+    assert [(r["id"], r["caption"]) for r in read_lines(out)] == [
+        ("AudioSet_SL/Y--0w1YA1Hm4", "A vehicle engine revs."), ("BBC_Sound_Effects/07070263", "Footsteps on gravel.")]
+
+
+def test_check_reports_every_failing_line(tmp_path, capsys):
+    (tmp_path / "clips").mkdir()
+    write_clip(tmp_path / "clips" / "a.flac", 2.0)
+    write_clip(tmp_path / "clips" / "c.flac", 1.0)
+    (tmp_path / "clips" / "b.flac").write_bytes(b"fLaC" + bytes(100))         # corrupt, in the middle
+    rows = [{"id": "a", "audio": "clips/a.flac", "task": "asr", "lang": "en", "transcript": "one"},
+            {"id": "b", "audio": "clips/b.flac", "task": "asr", "lang": "en", "transcript": "two"},
+            {"id": "c", "audio": "clips/c.flac", "task": "aac", "caption": "three", "start": 0.5, "end": 3.0},
+            {"id": "d", "audio": "clips/d.flac", "task": "aac", "caption": "four"},
+            {"id": "e", "audio": "clips/a.flac", "task": "aac", "caption": 5},
+            {"id": "f", "audio": "clips/a.flac", "start": 0.5, "end": 1.5, "task": "aac", "caption": "six"}]
+    m = write_jsonl(tmp_path / "m.jsonl", rows)
+    assert data.main(["check", str(m)]) == 1
+    printed = capsys.readouterr().out
+    assert f"m.jsonl:2: {tmp_path}/clips/b.flac: cannot decode audio file" in printed
+    assert "m.jsonl:3: " in printed and "is not inside the file (1.00 s)" in printed
+    assert f"m.jsonl:4: {tmp_path}/clips/d.flac: missing audio file" in printed
+    assert "m.jsonl:5: field 'caption' must be a string" in printed
+    assert "asr: 1 entries, 0.00 h" in printed and "aac: 1 entries" in printed and "2 good entries, 4 failing" in printed
+    write_jsonl(m, [rows[0], rows[5]])
+    assert data.main(["check", str(m)]) == 0
+
+
+def test_headers_in_worker_processes_equal_serial(tmp_path, monkeypatch):
+    write_clip(tmp_path / "a.flac", 1.5)
+    write_clip(tmp_path / "b.wav", 0.5, sr=44100)
+    (tmp_path / "c.flac").write_bytes(b"fLaC" + bytes(100))
+    paths = [str(tmp_path / n) for n in ("a.flac", "b.wav", "c.flac", "missing.flac", "a.flac")]
+    serial = data._headers(paths)
+    monkeypatch.setattr(data, "_PARALLEL_HEADERS", 0)
+    assert data._headers(paths, workers=2) == serial
+    assert serial[paths[0]] == (1.5, None) and serial[paths[3]] == (0.0, "missing audio file")
+    assert "cannot decode audio file" in serial[paths[2]][1]

@@ -157,3 +157,5 @@ def test_parse_layers():
         select_layers.parse_layers("2-5", 3)
     with pytest.raises(ValueError, match="expected 'all'"):
         select_layers.parse_layers("x", 3)
+    with pytest.raises(ValueError, match="'3-1' runs backwards"):
+        select_layers.parse_layers("0,3-1", 3)

@@ -1,4 +1,6 @@
 """The assembled speech LLM: prompts and labels, the loss, the two passes, checkpoints, frozen parts."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,43 +88,53 @@ def test_speech_embeddings_sit_where_speechhere_was(tiny):
     assert b.input_ids[0, start + 88:start + 88 + n_after].tolist() == tiny.tokenizer.encode(after.format(instruction=INSTR[0]))
 
 
-def test_loss_equals_hand_computed_ce(tiny):
-    speech = torch.randn(2, 88, tiny.config.llm.hidden_size)
+# Comparisons of two paths through our own code run in float64 and agree to ~1e-10.
+@pytest.fixture(scope="module")
+def tiny64(tiny):
+    return copy.deepcopy(tiny).double()
+
+
+def test_loss_equals_hand_computed_ce(tiny64):
+    tiny = tiny64
+    speech = torch.randn(2, 88, tiny.config.llm.hidden_size, dtype=torch.float64)
     out = tiny.speech_pass(speech, INSTR, TARGETS)
     b = tiny.prompter.build(INSTR, [88, 88], TARGETS)
     with torch.no_grad():
         logits = tiny.llm(inputs_embeds=tiny._embed(b, speech), attention_mask=b.attention_mask).logits
     shift_logits, shift_labels = logits[:, :-1], b.labels[:, 1:]
     ref = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100)
-    assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    assert_close(out.loss, ref.float(), rtol=1e-6, atol=0)   # our CE is computed on float32 logits, by design
     for i in range(2):
         valid = shift_labels[i] != -100
-        assert_close(out.row_loss[i], F.cross_entropy(shift_logits[i][valid], shift_labels[i][valid]),
-                     rtol=1e-5, atol=1e-6)
+        assert_close(out.row_loss[i], F.cross_entropy(shift_logits[i][valid], shift_labels[i][valid]).float(),
+                     rtol=1e-6, atol=0)
 
 
-def test_padded_batch_gives_each_rows_loss(tiny):
-    speech = torch.randn(2, 88, tiny.config.llm.hidden_size)
+def test_padded_batch_gives_each_rows_loss(tiny64):
+    tiny = tiny64
+    speech = torch.randn(2, 88, tiny.config.llm.hidden_size, dtype=torch.float64)
     batched = tiny.speech_pass(speech, INSTR, TARGETS, layers=[0, 2])
     for i in range(2):
         alone = tiny.speech_pass(speech[i:i + 1], INSTR[i:i + 1], TARGETS[i:i + 1], layers=[0, 2])
-        assert_close(batched.row_loss[i], alone.loss, rtol=1e-5, atol=1e-6)
+        assert_close(batched.row_loss[i], alone.loss, rtol=1e-6, atol=0)   # float32 CE of float64 states
         for l in (0, 2):
-            assert_close(batched.hidden_states[l][i], alone.hidden_states[l][0], rtol=1e-5, atol=1e-5)
+            assert_close(batched.hidden_states[l][i], alone.hidden_states[l][0], rtol=1e-10, atol=1e-10)
 
 
-def test_speech_hidden_states_at_speech_positions(tiny):
-    speech = torch.randn(2, 88, tiny.config.llm.hidden_size)
+def test_speech_hidden_states_at_speech_positions(tiny64):
+    tiny = tiny64
+    speech = torch.randn(2, 88, tiny.config.llm.hidden_size, dtype=torch.float64)
     out = tiny.speech_pass(speech, INSTR, TARGETS, layers=[0, 1])
     assert torch.equal(out.hidden_states[0], speech)   # layer 0 = the embeddings = the speech itself
     assert out.hidden_states[1].shape == (2, 88, tiny.config.llm.hidden_size) and out.mask.all()
     # without targets (layer selection) the pass stops after the speech: same states, no loss
     short = tiny.speech_pass(speech, INSTR, layers=[0, 1])
     assert short.loss is None
-    assert_close(short.hidden_states[1], out.hidden_states[1], rtol=1e-5, atol=1e-5)
+    assert_close(short.hidden_states[1], out.hidden_states[1], rtol=1e-10, atol=1e-10)
 
 
-def test_text_pass_equals_full_pass(tiny):
+def test_text_pass_equals_full_pass(tiny64):
+    tiny = tiny64
     transcripts = ["hello world", "this is a test of the tokenizer, it's fine"]
     L = tiny.config.llm.num_hidden_layers
     text = tiny.text_pass(transcripts, INSTR, layers=[0, 1, 2])
@@ -134,7 +146,7 @@ def test_text_pass_equals_full_pass(tiny):
     for i, n in enumerate(len(x) for x in ids):
         assert text.mask[i].sum() == n and text.mask[i, :n].all()
         for l in (0, 1, 2):
-            assert_close(text.hidden_states[l][i, :n], ref.hidden_states[l][i, start:start + n], rtol=1e-5, atol=1e-5)
+            assert_close(text.hidden_states[l][i, :n], ref.hidden_states[l][i, start:start + n], rtol=1e-10, atol=1e-10)
     assert not any(h.requires_grad for h in text.hidden_states.values())
 
 
@@ -172,8 +184,8 @@ def test_one_step_changes_only_trainable_parameters(vicuna_dir):
             # its query and key projections get exactly zero gradient, as in SALMONN
             assert ".attention.self.query." in n or ".attention.self.key." in n, n
     assert sum(g.abs().sum() > 0 for n, g in grads.items() if n in trainable) > len(trainable) // 2
-    # the encoders stayed frozen and in eval mode through .train()
-    assert not m.speech_encoder.training and not m.beats.training and m.bridge.training
+    # the encoders stayed frozen through .train() (they have no dropout: train mode changes nothing there)
+    assert m.bridge.training and not any(p.requires_grad for p in m.speech_encoder.parameters())
 
 
 def test_generate_batch_equals_rows(tiny):
@@ -193,20 +205,63 @@ def test_own_checkpoint_round_trip(tmp_path, vicuna_dir):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def salmonn_layout(model: SpeechLLM) -> dict:
+    """SALMONN's checkpoint layout (models/salmonn.py, peft 0.3), with `model`'s trainable values: the bridge's
+    keys at the top, LoRA under llama_model.base_model.model.*.default, and the buffers its runner saves."""
+    sd = {"speech_Qformer.bert.embeddings.position_ids": torch.arange(512).expand(1, -1)}
+    for k, v in model.trainable_state_dict().items():
+        if k.startswith("bridge."):
+            sd[k.removeprefix("bridge.")] = v.clone()
+        else:
+            k = k.removeprefix("llm.").replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+            sd["llama_model.base_model.model." + k] = v.clone()
+    for i in range(model.config.llm.num_hidden_layers):
+        sd[f"llama_model.base_model.model.model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(2)
+    return sd
+
+
 def test_salmonn_checkpoint_loads(tmp_path, vicuna_dir):
     a = tiny_speech_llm(vicuna_dir, "llama", seed=1)
     b = tiny_speech_llm(vicuna_dir, "llama", seed=2)
-    # SALMONN's layout: the bridge's keys at the top, LoRA under llama_model.base_model.model.*.default
-    sd = {k.removeprefix("bridge."): v for k, v in a.trainable_state_dict().items() if k.startswith("bridge.")}
-    for k, v in a.trainable_state_dict().items():
-        if ".lora_" in k:
-            k = k.removeprefix("llm.").replace(".lora_A.weight", ".lora_A.default.weight").replace(
-                ".lora_B.weight", ".lora_B.default.weight")
-            sd["llama_model.base_model.model." + k] = v
-    torch.save({"model": sd}, tmp_path / "salmonn_tiny.pth")
+    sd = salmonn_layout(a)
+    torch.save({"model": sd, "epoch": 3}, tmp_path / "salmonn_tiny.pth")
     b.load_trainable(tmp_path / "salmonn_tiny.pth")
     sa, sb = a.trainable_state_dict(), b.trainable_state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(b.llm.model.layers[1].self_attn.v_proj.lora_B.weight,
+                       sd["llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"])
+
+
+@pytest.mark.parametrize("edit,error", [
+    # trained for another LLM width: the projection and LoRA do not fit
+    (lambda sd: sd.update({"speech_llama_proj.weight": torch.randn(40, 16)}),
+     r"salmonn\.pth: key bridge\.speech_llama_proj\.weight has shape \(40, 16\), but the model expects \(32, 16\)"),
+    (lambda sd: sd.update({"llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight":
+                           torch.randn(8, 40)}),
+     r"key llm\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape \(8, 40\), but the model expects \(8, 32\)"),
+    (lambda sd: sd.pop("ln_audio.bias"), r"salmonn\.pth: missing key\(s\) for SpeechLLM: bridge\.ln_audio\.bias"),
+    (lambda sd: sd.pop("llama_model.base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight"),
+     r"missing key\(s\) for SpeechLLM: llm\.model\.layers\.1\.self_attn\.q_proj\.lora_B\.weight"),
+    # the text FFN SALMONN deletes, and a frozen encoder weight, are not trainable weights of this model
+    (lambda sd: sd.update({"speech_Qformer.bert.encoder.layer.0.intermediate.dense.weight": torch.randn(32, 16)}),
+     r"unexpected key\(s\) for SpeechLLM: bridge\.speech_Qformer\.bert\.encoder\.layer\.0\.intermediate"),
+    (lambda sd: sd.update({"speech_encoder.conv1.weight": torch.randn(1)}),
+     r"key\(s\) of frozen weights in a trainable-weights checkpoint: speech_encoder\.conv1\.weight"),
+])
+def test_salmonn_checkpoint_errors_name_the_key(tmp_path, vicuna_dir, edit, error):
+    m = tiny_speech_llm(vicuna_dir, "llama", seed=1)
+    sd = salmonn_layout(m)
+    edit(sd)
+    torch.save({"model": sd}, tmp_path / "salmonn.pth")
+    with pytest.raises(CheckpointError, match=error):
+        m.load_trainable(tmp_path / "salmonn.pth")
+
+
+def test_salmonn_checkpoint_with_beats_into_a_whisper_only_model(tmp_path, vicuna_dir):
+    torch.save({"model": salmonn_layout(tiny_speech_llm(vicuna_dir, "llama"))}, tmp_path / "salmonn.pth")
+    with pytest.raises(CheckpointError, match=r"unexpected key\(s\) for SpeechLLM: bridge\.ln_audio\.bias, "
+                                              r"bridge\.ln_audio\.weight"):
+        tiny_speech_llm(vicuna_dir, "llama", beats=False).load_trainable(tmp_path / "salmonn.pth")
 
 
 def test_checkpoint_for_another_llm_size_is_refused(tmp_path, vicuna_dir):

@@ -1,7 +1,7 @@
 """Our two tokenizers give transformers' ids and text on multilingual strings; special ids from the files."""
 import pytest
 
-from model import BPETokenizer, SentencePieceTokenizer, load_tokenizer
+from model import BPETokenizer, CheckpointError, SentencePieceTokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,7 +74,7 @@ def test_byte_fallback_round_trip(vicuna_dir):
 
 
 def test_missing_tokenizer_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.model.*tokenizer.json"):
+    with pytest.raises(CheckpointError, match="tokenizer.model.*tokenizer.json"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer.json"):
