@@ -54,7 +54,7 @@ import torch.nn.functional as F
 import data
 import select_layers
 import sinkhorn
-from model import LLMConfig, SpeechLLM, WhisperEncoderConfig, load_tokenizer
+from model import LLMConfig, SpeechLLM, WhisperEncoderConfig, load_tokenizer, read_json
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The paper's settings (§4, §5.2, App. A.1)
@@ -590,9 +590,9 @@ def check_args(args, world: int) -> argparse.Namespace:
         if diff:
             raise ArgumentError(f"--backbone {args.backbone}: {paths['llm']} is another model: {', '.join(diff)}")
     paths["whisper"] = resolve_weights(args.whisper or recorded.get("whisper") or WHISPER_HUB, "--whisper")
-    whisper_dir = paths["whisper"] if paths["whisper"].is_dir() else paths["whisper"].parent
+    config = (paths["whisper"] if paths["whisper"].is_dir() else paths["whisper"].parent) / "config.json"
     try:
-        whisper_cfg = WhisperEncoderConfig.from_dir(whisper_dir)
+        whisper_cfg = WhisperEncoderConfig.from_hf_config(read_json(config), str(config))
     except (OSError, ValueError) as e:
         raise ArgumentError(f"--whisper {paths['whisper']}: {e}") from None
     beats = args.beats or recorded.get("beats")
@@ -601,6 +601,11 @@ def check_args(args, world: int) -> argparse.Namespace:
                             f"Whisper-only model")
     paths["beats"] = None if beats == "none" else resolve_weights(beats, "--beats")
     args.paths = {k: str(v) if v is not None else None for k, v in paths.items()}
+    try:      # the checkpoint we start from must have been trained on this LLM
+        SpeechLLM.resolve(args.resume_from or args.init, args.paths["llm"], args.paths["whisper"],
+                          args.paths["beats"] or "none")
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
     args.layers = (parse_layer_spec(args.layers, llm_cfg.num_hidden_layers) if args.align == "ot"
                    else [0] if args.align in ("ctc", "contrastive") else [])
     # the data: every line parsed, every audio file looked for

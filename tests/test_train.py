@@ -458,6 +458,8 @@ BAD = [
      r"aac.jsonl: entry 'aac_0' \(task aac\) has no 'transcript'; --align ot needs"),
     (("--layers", "0", "--train", "{broken}"), r"broken.jsonl:2: field 'translation' is missing"),
     (("--layers", "0", "--train", "{missing_audio}"), r"1 of 1 audio files are missing \(m0: .*gone.wav"),
+    (("--layers", "0", "--backbone", "{other_llm}"), r"stage1 was trained on an LLM with hidden_size=32, but .* has "
+                                                     r"hidden_size=64: another backbone"),
 ]
 
 
@@ -470,8 +472,12 @@ def test_bad_arguments_fail_before_loading(setup, no_loading, monkeypatch, tmp_p
                                                   "tgt_lang": "zh", "transcript": "hello"}) + "\n")
     (d / "missing_audio.jsonl").write_text(json.dumps({"id": "m0", "audio": "gone.wav", "task": "asr",
                                                        "transcript": "hello"}) + "\n")
+    other = tmp_path / "other_llm"          # the tiny LLM's files with a wider config: another backbone
+    shutil.copytree(setup["llm"], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
     fill = {"train": setup["train"], "aac": setup["aac"], "llm": setup["llm"], "broken": d / "broken.jsonl",
-            "missing_audio": d / "missing_audio.jsonl"}
+            "missing_audio": d / "missing_audio.jsonl", "other_llm": other}
     extra = [e.format(**fill) for e in extra]
     with pytest.raises(SystemExit, match=message):
         train.main(argv(setup, tmp_path / "out", *extra))
