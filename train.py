@@ -858,12 +858,8 @@ def main(argv=None) -> dict:
             dist.destroy_process_group()
 
 
-def train(args, ctx: Context) -> dict:
-    from tqdm import tqdm
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = load_checkpoint_state(args.resume_from) if args.resume_from else None
+def build(args, ctx: Context):
+    """The speech LLM (+ CTC head) on the device, and the trainable parameters with their names."""
     torch.manual_seed(args.seed)            # a fresh bridge / LoRA / CTC head starts the same on every process
     model = load_model(args.paths, args.resume_from or args.init, ctx.dtype, ctx.device).train()
     ctc_head = None
@@ -874,36 +870,61 @@ def train(args, ctx: Context) -> dict:
             ctc_head.load_state_dict(load_file(str(args.resume_from / CTC_FILE), device=str(ctx.device)))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     named += [("ctc_head." + n, p) for n, p in (ctc_head.named_parameters() if ctc_head is not None else [])]
-    params = [p for _, p in named]
     if ctx.world > 1:                       # start identical whatever each device's random generator did
-        for p in params:
+        for _, p in named:
             dist.broadcast(p.data, 0)
-    opt = make_optimizer(named, args.weight_decay)
-    start, best_acc, best_step, bad = 0, -1.0, 0, 0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        start, best_acc, best_step, bad = state["step"], state["best_acc"], state["best_step"], state["bad_validations"]
     if args.compile if args.compile is not None else ctx.device.type == "cuda":
         compile_blocks(model)
+    return model, ctc_head, named
 
+
+def print_start(args, ctx: Context, model, ctc_head, start: int) -> None:
+    seq, tgt = sequence_lengths(model, args.train_data)
+    mem = expected_memory(model, args.micro_batch, seq, tgt, 2 if ctx.dtype == torch.bfloat16 else 4, ctc_head)
+    print(parameter_report(model, ctc_head))
+    print(f"expected memory per device at micro-batch {args.micro_batch} (<= {seq} positions, {tgt} target "
+          f"tokens): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()))
+    print(f"stage {args.stage}, align {args.align}"
+          + (f" at layers {args.layers}, alpha {args.alpha}" if args.layers else "")
+          + f"; {len(args.train_data)} utterances, {args.train_data.sizes} per manifest; global batch "
+          f"{args.global_batch} = {args.micro_batch} x {args.accumulation} accumulation x {ctx.world} process(es); "
+          f"steps {start}..{args.steps}; {ctx.device}, {str(ctx.dtype).removeprefix('torch.')}"
+          + (f"; resuming from {args.resume_from}" if args.resume_from
+             else "; --resume: no checkpoint yet, starting at step 0" if args.resume else ""), flush=True)
+
+
+def summarise(out: Path, summary: dict) -> dict:
+    """summary.json and loss_curves.png from metrics.jsonl, and the summary printed."""
+    metrics = read_metrics(out / "metrics.jsonl")
+    train_rows = [r for r in metrics if "loss" in r]
+    if train_rows:
+        summary["final_loss"] = train_rows[-1]["loss"]
+        summary["mean_samples_per_s"] = sum(r["samples_per_s"] for r in train_rows) / len(train_rows)
+        summary["curves"] = str(plot_losses(metrics, out / "loss_curves.png"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("summary: " + ", ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
+    return summary
+
+
+def train(args, ctx: Context) -> dict:
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, ctc_head, named = build(args, ctx)
+    params = [p for _, p in named]
+    opt = make_optimizer(named, args.weight_decay)
+    start, best_acc, best_step, bad = 0, -1.0, 0, 0
+    if args.resume_from:
+        state = load_checkpoint_state(args.resume_from)
+        opt.load_state_dict(state["optimizer"])
+        start, best_acc, best_step, bad = state["step"], state["best_acc"], state["best_step"], state["bad_validations"]
     if ctx.is_main:
         for tmp in out.glob(".tmp_*"):      # a checkpoint an interrupted run did not finish writing
             shutil.rmtree(tmp)
-        if state is None:
+        if not args.resume_from:
             (out / "args.json").write_text(json.dumps(run_settings(args), indent=2) + "\n")
-        seq, tgt = sequence_lengths(model, args.train_data)
-        act = 2 if ctx.dtype == torch.bfloat16 else 4
-        mem = expected_memory(model, args.micro_batch, seq, tgt, act, ctc_head)
-        print(parameter_report(model, ctc_head))
-        print(f"expected memory per device at micro-batch {args.micro_batch} (<= {seq} positions, {tgt} target "
-              f"tokens): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()))
-        print(f"stage {args.stage}, align {args.align}"
-              + (f" at layers {args.layers}, alpha {args.alpha}" if args.layers else "")
-              + f"; {len(args.train_data)} utterances, {args.train_data.sizes} per manifest; global batch "
-              f"{args.global_batch} = {args.micro_batch} x {args.accumulation} accumulation x {ctx.world} process(es); "
-              f"steps {start}..{args.steps}; {ctx.device}, {str(ctx.dtype).removeprefix('torch.')}"
-              + (f"; resuming from {args.resume_from}" if args.resume_from
-                 else "; --resume: no checkpoint yet, starting at step 0" if args.resume else ""), flush=True)
+        print_start(args, ctx, model, ctc_head, start)
 
     log = MetricsLog(out, start, ctx.is_main)
     bar = tqdm(total=args.steps, initial=start, disable=not ctx.is_main or args.no_progress, unit="step")
@@ -932,13 +953,12 @@ def train(args, ctx: Context) -> dict:
                       f"(best {best_acc:.4f} at step {best_step})")
             if args.patience and bad >= args.patience:
                 stopped = f"no better validation accuracy for {bad} validations"
-        if done % args.save_every == 0 or validating or done == args.steps or stopped:   # the best is saved
-            if ctx.is_main:
-                meta = {"stage": args.stage, "step": done, "align": args.align, "layers": args.layers,
-                        "alpha": args.alpha, "best_acc": best_acc, "best_step": best_step}
-                state = {"step": done, "optimizer": opt.state_dict(), "best_acc": best_acc, "best_step": best_step,
-                         "bad_validations": bad}
-                save_checkpoint(out, done, model, state, meta, ctc_head, args.keep)
+        if ctx.is_main and (done % args.save_every == 0 or validating or done == args.steps or stopped):
+            meta = {"stage": args.stage, "step": done, "align": args.align, "layers": args.layers,
+                    "alpha": args.alpha, "best_acc": best_acc, "best_step": best_step}
+            state = {"step": done, "optimizer": opt.state_dict(), "best_acc": best_acc, "best_step": best_step,
+                     "bad_validations": bad}
+            save_checkpoint(out, done, model, state, meta, ctc_head, args.keep)   # at validations: the best is kept
         if stopped:
             break
     bar.close()
@@ -946,16 +966,7 @@ def train(args, ctx: Context) -> dict:
     summary = {"steps": done, "stopped_early": stopped, "best_step": best_step,
                "best_valid_acc": best_acc if best_step else None, "wall_s": time.perf_counter() - t_start,
                "last_checkpoint": str(checkpoints(out)[-1]) if checkpoints(out) else None}
-    if ctx.is_main:
-        metrics = read_metrics(out / "metrics.jsonl")
-        train_rows = [r for r in metrics if "loss" in r]
-        if train_rows:
-            summary["final_loss"] = train_rows[-1]["loss"]
-            summary["mean_samples_per_s"] = sum(r["samples_per_s"] for r in train_rows) / len(train_rows)
-            summary["curves"] = str(plot_losses(metrics, out / "loss_curves.png"))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print("summary: " + ", ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
-    return summary
+    return summarise(out, summary) if ctx.is_main else summary
 
 
 if __name__ == "__main__":
