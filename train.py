@@ -620,6 +620,7 @@ def check_args(args, world: int) -> argparse.Namespace:
         raise ArgumentError(str(e)) from None
     if args.align != "none":
         check_transcripts(args.train_data, manifests, args.align)
+    args.train_sizes = args.train_data.sizes     # a resumed run's data stream needs the same manifests' sizes
     return args
 
 
@@ -636,9 +637,9 @@ def check_transcripts(dataset, manifests: list[Path], align: str) -> None:
                                     f"--align {align} needs the transcript of every training utterance")
 
 
-RESUME_KEYS = ("stage", "backbone", "paths", "train", "layers", "align", "alpha", "global_batch", "steps",
-               "warmup", "lr", "warmup_lr", "min_lr", "weight_decay", "clip", "eval_every", "patience", "seed",
-               "valid", "dtype")
+RESUME_KEYS = ("stage", "backbone", "paths", "train", "train_sizes", "layers", "align", "alpha", "global_batch",
+               "steps", "warmup", "lr", "warmup_lr", "min_lr", "weight_decay", "clip", "eval_every", "patience",
+               "seed", "valid", "dtype")
 
 
 def check_resume(args, saved: dict) -> None:

@@ -489,6 +489,13 @@ def test_existing_run_needs_resume_and_the_same_settings(reference, setup, no_lo
         train.main(argv(setup, out, *REFERENCE))
     with pytest.raises(SystemExit, match=r"--resume: .* other settings: .*lr: 0.01 -> 0.001"):
         train.main(argv(setup, out, *REFERENCE, "--valid", setup["valid"], "--lr", "1e-3", "--resume"))
+    lines = setup["train"].read_text()
+    try:      # the same manifest path with one more line: the data stream would not be the same
+        setup["train"].write_text(lines + json.dumps({**json.loads(lines.splitlines()[0]), "id": "extra"}) + "\n")
+        with pytest.raises(SystemExit, match=r"train_sizes: \[4\] -> \[5\]"):
+            train.main(argv(setup, out, *REFERENCE, "--valid", setup["valid"], "--resume"))
+    finally:
+        setup["train"].write_text(lines)
 
 
 def test_hub_ids_resolve_from_the_local_cache(tmp_path, monkeypatch):
