@@ -1,32 +1,35 @@
-"""One joint-stage training step of the speech LLM, ours against a SALMONN-style build from transformers + peft.
+"""One joint-stage training step: train.py's own step against a SALMONN-style build from transformers + peft.
 
     python benchmarks/bench_speech_llm.py                       # small speech LLM on the CPU, batch 2 x 30 s
-    python benchmarks/bench_speech_llm.py --device cuda --real-size --batch 8    # qwen2-7b preset, random bf16
+    python benchmarks/bench_speech_llm.py --device cuda --real-size --batch 8 --peak-tflops 989   # qwen2-7b preset
 
-A step = frozen encoders -> Q-Former -> speech pass (CE) + text pass to layer 1 (no grad) -> OT loss at
-layers {0, 1} -> Eq. (6) -> backward -> AdamW step. Both builds share every weight:
-  ours: model.SpeechLLM (our Whisper, BEATs, Q-Former, LLM with our LoRA; the LM head only on the target
-        positions; the text pass stops after layer 1 and after the transcript);
+Ours is `train.train_step` exactly as `train.py` runs it (micro-batch seed, autocast on CUDA, encoders -> Q-Former
+-> speech pass (CE) -> text pass to layer 1 (no grad) -> OT at layers {0, 1} -> Eq. (6) -> backward -> clip ->
+the finite check -> AdamW), and again with `align="none"` (CE only). The alternative shares every weight:
   HF:   transformers' WhisperEncoder and Qwen2ForCausalLM with peft LoRA (q_proj, v_proj, r=8), our BEATs and
         Q-Former (transformers has neither); the LM head and loss on every position (labels=...), the hidden
-        states from output_hidden_states=True, the text pass a full forward under no_grad.
-It prints the step time of each, the share of our text pass, and as its last line
-`step_ratio=<ours/HF> text_pass_share=<ours text pass / ours step>`.
+        states from output_hidden_states=True, the text pass a full forward under no_grad; clip and AdamW.
+The learning rate is 0 in both, so every repeat computes the same loss (checked). It prints the step times, the
+share of text pass + OT in ours (timed alone), the model FLOPs per sample (matmuls of the encoders, Q-Former, LLM forward and
+backward) and the achieved FLOP rate (MFU with --peak-tflops), the peak memory on CUDA, and as its last line
+`step_ratio=<ours/HF> align_share=<text pass + OT / ours>`.
 """
 import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
 import sinkhorn  # noqa: E402
+import train  # noqa: E402
 from lora import lora_modules  # noqa: E402
 from model import (BEATsConfig, LLMConfig, QFormerConfig, SpeechLLM, SpeechLLMConfig,  # noqa: E402
                    Tokenizer, WhisperEncoderConfig)
 
-ALPHA = 0.99   # Eq. (6): OT weight 1 - alpha = 0.01 (Sec. 5.2)
 LAYERS = [0, 1]
 
 
@@ -118,61 +121,109 @@ def hf_twin(model: SpeechLLM):
     return hf_w, peft.train()
 
 
-def inputs(model, B, device, seed=0):
+def make_batch(model, B, device, seed=0):
+    """A data.Batch with its features already computed (random: the step's cost does not depend on them)."""
     g = torch.Generator().manual_seed(seed)
-    mel = torch.randn(B, model.config.whisper.num_mel_bins, 3000, generator=g).to(device)
-    fbank = torch.randn(B, 2998, 128, generator=g).to(device)
-    instr = ["Listen to the speech and translate it into Chinese."] * B
-    targets = ["所有这些活动在密尔沃基都不是独一无二的。"] * B
-    transcripts = ["All of this activity in Milwaukee was in no way unique."] * B
-    return mel, fbank, instr, targets, transcripts
+    mel = torch.randn(B, model.config.whisper.num_mel_bins, 3000, generator=g)
+    fbank = torch.randn(B, 2998, 128, generator=g)
+    return data.Batch(ids=[f"u{i}" for i in range(B)], tasks=["st_en_zh"] * B,
+                      instructions=["Listen to the speech and translate it into Chinese."] * B,
+                      targets=["所有这些活动在密尔沃基都不是独一无二的。"] * B,
+                      transcripts=["All of this activity in Milwaukee was in no way unique."] * B,
+                      wavs=torch.zeros(B, 480000), padding_mask=torch.zeros(B, 480000, dtype=torch.bool),
+                      mel=mel, fbank=fbank).to(device)
 
 
-def ours_step(model, opt, mel, fbank, instr, targets, transcripts, timings):
-    speech = model.encode_speech(mel, fbank, None)
-    out = model.speech_pass(speech, instr, targets, layers=LAYERS)
-    sync(mel.device)
-    t = time.perf_counter()
-    txt = model.text_pass(transcripts, instr, layers=LAYERS)
-    sync(mel.device)
-    timings.append(time.perf_counter() - t)
-    ot = sum(sinkhorn.ot_loss(out.hidden_states[l], txt.hidden_states[l], out.mask, txt.mask).mean() for l in LAYERS)
-    loss = ALPHA * out.loss + (1 - ALPHA) / len(LAYERS) * ot          # Eq. (6)
+def step_args(align):
+    """train.train_step's settings: lr 0 at every step (warm-up 0, peak = floor = 0)."""
+    return SimpleNamespace(steps=1, warmup=0, lr=0.0, warmup_lr=0.0, min_lr=0.0, seed=0, clip=1.0, align=align,
+                           layers=LAYERS if align == "ot" else [], alpha=train.ALPHA)
+
+
+def hf_step(model, hf_w, peft, opt, params, batch, ctx):
+    with torch.no_grad():
+        w = hf_w(batch.mel.to(next(hf_w.parameters()).dtype)).last_hidden_state
+        b, _ = model.beats(batch.fbank.to(w.dtype), None)
+    with ctx.autocast():
+        speech = model.bridge(w, b)
+        B, n, _ = speech.shape
+        prompt = model.prompter.build(batch.instructions, [n] * B, batch.targets)
+        emb = peft.get_input_embeddings()
+        dev = emb.weight.device
+        x = emb(prompt.input_ids.to(dev)).masked_scatter(prompt.slot_mask.to(dev)[..., None],
+                                                          speech.to(emb.weight.dtype))
+        out = peft(inputs_embeds=x, attention_mask=prompt.attention_mask.to(dev).long(),
+                   labels=prompt.labels.to(dev), output_hidden_states=True)
+        start = len(model.prompter.before_ids)
+        speech_h = {l: out.hidden_states[l][:, start:start + n] for l in LAYERS}
+        ids = [model.tokenizer.encode(t) for t in batch.transcripts]
+        tb = model.prompter.build(batch.instructions, ids)
+        with torch.no_grad():
+            t_out = peft(input_ids=tb.input_ids.to(dev), attention_mask=tb.attention_mask.to(dev).long(),
+                         output_hidden_states=True)
+        m = max(len(i) for i in ids)
+        text_h = {l: t_out.hidden_states[l][:, start:start + m] for l in LAYERS}
+        tmask = tb.slot_mask[:, start:start + m].to(dev)
+        smask = torch.ones(B, n, dtype=torch.bool, device=dev)
+        ot = sum(sinkhorn.ot_loss(speech_h[l], text_h[l], smask, tmask).mean() for l in LAYERS)
+        loss = train.ALPHA * out.loss + (1 - train.ALPHA) / len(LAYERS) * ot
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return out.loss.item()
 
 
-def hf_step(model, hf_w, peft, opt, mel, fbank, instr, targets, transcripts):
-    with torch.no_grad():
-        w = hf_w(mel.to(next(hf_w.parameters()).dtype)).last_hidden_state
-        b, _ = model.beats(fbank.to(w.dtype), None)
-    speech = model.bridge(w, b)
-    B, n, _ = speech.shape
-    batch = model.prompter.build(instr, [n] * B, targets)
-    emb = peft.get_input_embeddings()
-    dev = emb.weight.device
-    x = emb(batch.input_ids.to(dev)).masked_scatter(batch.slot_mask.to(dev)[..., None], speech.to(emb.weight.dtype))
-    out = peft(inputs_embeds=x, attention_mask=batch.attention_mask.to(dev).long(), labels=batch.labels.to(dev),
-               output_hidden_states=True)
-    start = len(model.prompter.before_ids)
-    speech_h = {l: out.hidden_states[l][:, start:start + n] for l in LAYERS}
-    ids = [model.tokenizer.encode(t) for t in transcripts]
-    tb = model.prompter.build(instr, ids)
-    with torch.no_grad():
-        t_out = peft(input_ids=tb.input_ids.to(dev), attention_mask=tb.attention_mask.to(dev).long(),
-                     output_hidden_states=True)
-    m = max(len(i) for i in ids)
-    text_h = {l: t_out.hidden_states[l][:, start:start + m] for l in LAYERS}
-    tmask = tb.slot_mask[:, start:start + m].to(dev)
-    smask = torch.ones(B, n, dtype=torch.bool, device=dev)
-    ot = sum(sinkhorn.ot_loss(speech_h[l], text_h[l], smask, tmask).mean() for l in LAYERS)
-    loss = ALPHA * out.loss + (1 - ALPHA) / len(LAYERS) * ot
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return out.loss.item()
+@torch.no_grad()
+def align_time(model, batch, ctx, repeats):
+    """Seconds of what alignment adds to a step, timed alone: the text pass and the OT losses (the Sinkhorn
+    iterations) on the speech pass's hidden states; min over repeats."""
+    with ctx.autocast():
+        speech = model.encode_speech(batch.mel, batch.fbank, batch.padding_mask)
+        out = model.speech_pass(speech, batch.instructions, layers=LAYERS)
+        best = float("inf")
+        for _ in range(repeats + 1):
+            sync(ctx.device)
+            t = time.perf_counter()
+            text = model.text_pass(batch.transcripts, batch.instructions, LAYERS)
+            train.ot_losses(out.hidden_states, text.hidden_states, out.mask, text.mask)
+            sync(ctx.device)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def linear_flops(d_in, d_out, tokens):
+    return 2 * d_in * d_out * tokens
+
+
+def step_flops(model, batch) -> float:
+    """Matmul FLOPs of one step per sample: encoders and the text pass forward, Q-Former and LLM speech pass
+    forward + backward (the LLM's backward computes input gradients only: about one forward; the Q-Former's
+    also weight gradients: two). Attention scores and values count 4·T²·d per layer; norms etc. are ignored."""
+    c, w, q = model.config.llm, model.config.whisper, model.config.qformer
+    T_w = w.max_source_positions
+    whisper = (linear_flops(w.num_mel_bins * 3, w.d_model, 2 * T_w) + linear_flops(3 * w.d_model, w.d_model, T_w)
+               + w.encoder_layers * (linear_flops(w.d_model, 4 * w.d_model + 2 * w.encoder_ffn_dim, T_w)
+                                     + 4 * T_w ** 2 * w.d_model))
+    beats = 0
+    if model.beats is not None:
+        bc = model.config.beats
+        T_b = (batch.fbank.shape[1] // 16) * (128 // 16)
+        d = bc.encoder_embed_dim
+        beats = bc.encoder_layers * (linear_flops(d, 4 * d + 2 * bc.encoder_ffn_embed_dim, T_b) + 4 * T_b ** 2 * d)
+    n_win = model.bridge.num_speech_tokens(T_w)
+    qformer = 3 * n_win * q.n_layer * (linear_flops(q.encoder_width, 2 * q.hidden, q.window)
+                                       + linear_flops(q.hidden, 6 * q.hidden + 2 * q.ffn, q.num_query))
+    prompt = model.prompter.build(batch.instructions, [n_win] * len(batch), batch.targets)
+    T = prompt.attention_mask.sum(1).float().mean().item()
+    n_tgt = (prompt.labels != -100).sum(1).float().mean().item()
+    h_q, h_kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_token = linear_flops(c.hidden_size, 2 * h_q + 2 * h_kv + 3 * c.intermediate_size, 1)
+    llm = (2 * c.num_hidden_layers * (per_token * T + 4 * T ** 2 * h_q)
+           + 2 * linear_flops(c.hidden_size, c.vocab_size, n_tgt))
+    T_txt = len(model.prompter.before_ids) + len(model.tokenizer.encode(batch.transcripts[0]))
+    text = max(LAYERS) * (per_token * T_txt + 4 * T_txt ** 2 * h_q)
+    return whisper + beats + qformer + llm + text
 
 
 def sync(device):
@@ -186,49 +237,63 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="frozen parts (default: bf16 on CUDA)")
     ap.add_argument("--real-size", action="store_true", help="qwen2-7b, whisper-large-v2, BEATs iter3+ sizes")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="compile our repeated blocks as train.py does (default: on for CUDA)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for the MFU")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model = build(args.real_size, device, dtype)
     hf_w, peft = hf_twin(model)
-    data = inputs(model, args.batch, device)
-    # LoRA dropout off in both, so the two steps compute the same numbers
-    for m in model.modules():
+    batch = make_batch(model, args.batch, device)
+    ctx = train.Context(device, dtype)
+    # LoRA and Q-Former dropout off in both, so the two steps compute the same numbers
+    for m in list(model.modules()) + list(peft.modules()):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    for m in peft.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    # lr 0: the optimizers do all their work but leave the weights as they are, so every step of both
-    # builds computes the same loss, which is checked below
-    opt_ours = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    peft_lora = [p for n, p in peft.named_parameters() if p.requires_grad]
-    opt_hf = torch.optim.AdamW([p for p in model.bridge.parameters()] + peft_lora, lr=0.0)
+    ours_params = [p for p in model.parameters() if p.requires_grad]
+    opt_ours = train.make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], 0.05)
+    hf_params = list(model.bridge.parameters()) + [p for p in peft.parameters() if p.requires_grad]
+    opt_hf = torch.optim.AdamW(hf_params, lr=0.0)
+    if args.compile if args.compile is not None else device.type == "cuda":
+        train.compile_blocks(model)
     print(f"device {device}, frozen dtype {dtype}, batch {args.batch} x 30 s, threads {torch.get_num_threads()}; "
           f"{model.describe_trainable()}")
 
-    text_times = []
-    best = {"ours": float("inf"), "hf": float("inf")}
+    steps = {
+        "ours": lambda: train.train_step(model, opt_ours, ours_params, [(0, batch)], 0, step_args("ot"), ctx)["ce"],
+        "ours CE only": lambda: train.train_step(model, opt_ours, ours_params, [(0, batch)], 0, step_args("none"),
+                                                 ctx)["ce"],
+        "hf": lambda: hf_step(model, hf_w, peft, opt_hf, hf_params, batch, ctx),
+    }
+    best = {k: float("inf") for k in steps}
     losses = {}
-    for r in range(args.repeats + 1):                      # round 0 is the warm-up
-        for name in (["ours", "hf"] if r % 2 == 0 else ["hf", "ours"]):
+    for r in range(args.repeats + 1):                      # round 0 is the warm-up (and compilation)
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             sync(device)
             t = time.perf_counter()
-            if name == "ours":
-                losses[name] = ours_step(model, opt_ours, *data, text_times)
-            else:
-                losses[name] = hf_step(model, hf_w, peft, opt_hf, *data)
+            losses[name] = steps[name]()
             sync(device)
             if r > 0:
                 best[name] = min(best[name], time.perf_counter() - t)
-    text = min(text_times[1:])
     print(f"CE: ours {losses['ours']:.5f}, HF {losses['hf']:.5f}")
     assert abs(losses["ours"] - losses["hf"]) <= 1e-3 * abs(losses["hf"]) + 1e-3, "the two builds differ"
+    B = args.batch
     print(f"step  ours {best['ours'] * 1e3:8.1f} ms   HF + peft {best['hf'] * 1e3:8.1f} ms   "
-          f"({args.batch / best['ours']:.2f} vs {args.batch / best['hf']:.2f} samples/s)")
-    print(f"our text pass {text * 1e3:.1f} ms = {100 * text / best['ours']:.1f}% of our step")
-    print(f"step_ratio={best['ours'] / best['hf']:.3f} text_pass_share={text / best['ours']:.3f}")
+          f"({B / best['ours']:.2f} vs {B / best['hf']:.2f} samples/s)")
+    share = align_time(model, batch, ctx, args.repeats) / best["ours"]
+    print(f"text pass + OT timed alone: {share * best['ours'] * 1e3:.1f} ms = {100 * share:.1f}% of our step "
+          f"(our step with CE only: {best['ours CE only'] * 1e3:.1f} ms)")
+    flops = step_flops(model, batch)
+    rate = B * flops / best["ours"] / 1e12
+    print(f"model FLOPs {flops / 1e12:.3f} TFLOP per sample; ours achieves {rate:.3g} TFLOP/s"
+          + (f" = MFU {100 * rate / args.peak_tflops:.1f}% of {args.peak_tflops:g}" if args.peak_tflops else ""))
+    if device.type == "cuda":
+        print(f"peak memory (last step measured): {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    print(f"step_ratio={best['ours'] / best['hf']:.3f} align_share={share:.3f}")
 
 
 if __name__ == "__main__":
