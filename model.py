@@ -1242,6 +1242,8 @@ class SpeechOutput:
     row_loss: torch.Tensor | None             # (B,) mean CE over each row's target tokens
     hidden_states: dict[int, torch.Tensor]    # layer -> (B, n, hidden) at the slot (speech or transcript)
     mask: torch.Tensor                        # (B, n) True on real slot positions
+    correct: torch.Tensor | None = None       # () target tokens whose argmax prediction is right (accuracy)
+    n_tokens: torch.Tensor | None = None      # () target tokens (the end token included)
 
 
 TRAINABLE_FILE, CONFIG_FILE = "trainable.safetensors", "speech_llm.json"
@@ -1469,20 +1471,22 @@ class SpeechLLM(nn.Module):
         want = set(layers) | ({L} if targets is not None else set())
         out = self.llm(inputs_embeds=x, attention_mask=batch.attention_mask.to(x.device),
                        output_layers=sorted(want), logits=None)
-        loss = row_loss = None
-        if targets is not None:
-            loss, row_loss = self._ce(out.hidden_states[L], batch.labels.to(x.device))
+        ce = self._ce(out.hidden_states[L], batch.labels.to(x.device)) if targets is not None else (None,) * 4
         hidden = {l: out.hidden_states[l][:, start:start + n] for l in layers}
-        return SpeechOutput(loss, row_loss, hidden, batch.slot_mask[:, start:start + n].to(x.device))
+        return SpeechOutput(ce[0], ce[1], hidden, batch.slot_mask[:, start:start + n].to(x.device), *ce[2:])
 
     def _ce(self, h: torch.Tensor, labels: torch.Tensor):
         """Cross-entropy of the next-token predictions at the labelled positions only: the lm_head
-        (vocab 152k for Qwen2) runs on the few target positions, not on the whole prompt and speech."""
+        (vocab 152k for Qwen2) runs on the few target positions, not on the whole prompt and speech.
+        Returns the mean CE, each row's mean CE (B,), the correct argmax predictions and the target count."""
         pred = labels[:, 1:] != -100                                               # (B, T-1)
+        target = labels[:, 1:][pred]                                               # (N,)
         logits = self.llm.lm_head(self.llm.model.norm(h[:, :-1][pred])).float()   # (N, vocab)
-        ce = F.cross_entropy(logits, labels[:, 1:][pred], reduction="none")       # (N,)
+        ce = F.cross_entropy(logits, target, reduction="none")                    # (N,)
         row_loss = torch.zeros(labels.shape[0], device=ce.device).index_add(0, pred.nonzero()[:, 0], ce) / pred.sum(1)
-        return ce.mean(), row_loss
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == target).sum()
+        return ce.mean(), row_loss, correct, pred.sum()
 
     @torch.no_grad()
     def text_pass(self, transcripts: Sequence[str], instructions: Sequence[str], layers: Sequence[int]) -> SpeechOutput:

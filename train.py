@@ -286,24 +286,11 @@ class NonFiniteLoss(RuntimeError):
 
 @torch.no_grad()
 def teacher_forced(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum of CE, number of correct argmax predictions, number of target tokens) over a batch, each 0-d.
-
-    The speech pass of model.py returns the CE but not the predictions, so the prompt is rebuilt here from
-    the public pieces (prompter, embeddings, LLM, head) exactly as the speech pass builds it."""
+    """(sum of CE, number of correct argmax predictions, number of target tokens) over a batch, each 0-d:
+    the speech pass with its targets, as in training (dropout off)."""
     speech = model.encode_speech(batch.mel, batch.fbank, batch.padding_mask)           # (B, 88, H)
-    B, n, _ = speech.shape
-    prompt = model.prompter.build(batch.instructions, [n] * B, batch.targets)
-    llm, dev = model.llm, speech.device
-    x = llm.model.embed_tokens(prompt.input_ids.to(dev))                                 # (B, T, H)
-    x = x.masked_scatter(prompt.slot_mask.to(dev)[..., None], speech.to(x.dtype))
-    L = llm.config.num_hidden_layers
-    h = llm(inputs_embeds=x, attention_mask=prompt.attention_mask.to(dev), output_layers=[L],
-            logits=None).hidden_states[L]                                                # (B, T, H)
-    labels = prompt.labels[:, 1:].to(dev)                                                # next-token targets
-    pred = labels != -100
-    logits = llm.lm_head(llm.model.norm(h[:, :-1][pred])).float()                       # (N, vocab)
-    ce = F.cross_entropy(logits, labels[pred], reduction="sum")
-    return ce, (logits.argmax(-1) == labels[pred]).sum(), pred.sum()
+    out = model.speech_pass(speech, batch.instructions, batch.targets)
+    return out.loss * out.n_tokens, out.correct, out.n_tokens
 
 
 def validate(model, batches, ctx: Context) -> dict[str, float]:
@@ -935,13 +922,13 @@ def train(args, ctx: Context) -> dict:
         t0 = time.perf_counter()
         stats = train_step(model, opt, params, batches, step, args, ctx, ctc_head)
         done, dt = step + 1, time.perf_counter() - t0
-        tokens = sum(int(model.prompter.build(b.instructions, [n_speech] * len(b), b.targets).attention_mask.sum())
-                     for _, b in batches) * ctx.world      # this process's LLM positions x processes
-        speed = {"samples_per_s": args.global_batch / dt, "tokens_per_s": tokens / dt}
         bar.update(1)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", sps=f"{speed['samples_per_s']:.1f}")
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", sps=f"{args.global_batch / dt:.1f}")
         if done % args.log_every == 0 or done == args.steps:
-            log.log({"step": done, **stats, **speed, "peak_mem_gib": peak_memory_gib(ctx.device)})
+            tokens = sum(int(model.prompter.build(b.instructions, [n_speech] * len(b), b.targets).attention_mask.sum())
+                         for _, b in batches) * ctx.world      # this process's LLM positions x processes
+            log.log({"step": done, **stats, "samples_per_s": args.global_batch / dt, "tokens_per_s": tokens / dt,
+                     "peak_mem_gib": peak_memory_gib(ctx.device)})
         validating = args.valid_data is not None and (done % args.eval_every == 0 or done == args.steps)
         if validating:
             v = validate(model, valid_batches(args, ctx), ctx)
