@@ -189,36 +189,19 @@ def check_entries(entries: Sequence[dict], manifest, task_key: str | None, need_
 # decoding, zero-shot MT, the alignment distances
 # ----------------------------------------------------------------------------------------------------
 
-def zero_shot_prompt(model, transcripts: Sequence[str], instructions: Sequence[str]):
-    """Table 5's prompt: the training prompt with the transcript's tokens in the speech slot (tokenized as
-    the text pass does), left-padded for generation. Returns a model.PromptBatch."""
-    ids = [model.prompter.text_ids(t, "transcript") for t in transcripts]
-    return model.prompter.build(instructions, ids, pad_left=True)
-
-
 @torch.no_grad()
 def generate(model, instructions: Sequence[str], *, speech: torch.Tensor | None = None,
              transcripts: Sequence[str] | None = None, num_beams: int = 4, max_new_tokens: int = 200,
              length_penalty: float = 1.0) -> tuple[list[str], list[int]]:
-    """Decode one batch from speech embeddings (B, n, H) or, zero-shot, from transcripts.
+    """Decode one batch from speech embeddings (B, n, H) or, zero-shot (Table 5), from transcripts: their
+    tokens in the speech slot of the same prompt (SpeechLLM.generate).
 
     Returns the texts (special tokens dropped, stripped) and the number of generated tokens of each
     (without the stop token: n_tokens == max_new_tokens means the row hit the length limit).
     """
-    emb = model.llm.model.embed_tokens
-    device = emb.weight.device
-    if speech is not None:   # as SpeechLLM.generate does, keeping the token counts
-        batch = model.prompter.build(instructions, [speech.shape[1]] * len(instructions), pad_left=True)
-        x = emb(batch.input_ids.to(device))                                              # (B, T, H)
-        x = x.masked_scatter(batch.slot_mask.to(device)[..., None], speech.to(x.dtype))
-        inputs = {"inputs_embeds": x}
-    else:
-        batch = zero_shot_prompt(model, transcripts, instructions)
-        inputs = {"input_ids": batch.input_ids.to(device)}
-    rows = model.llm.generate(**inputs, attention_mask=batch.attention_mask.to(device), num_beams=num_beams,
-                              max_new_tokens=max_new_tokens, length_penalty=length_penalty,
-                              eos_token_id=model.prompter.stop_ids)
-    return [model.tokenizer.decode(r).strip() for r in rows], [len(r) for r in rows]
+    texts, rows = model.generate(speech, instructions, transcripts=transcripts, num_beams=num_beams,
+                                 max_new_tokens=max_new_tokens, length_penalty=length_penalty, return_ids=True)
+    return texts, [len(r) for r in rows]
 
 
 @torch.no_grad()

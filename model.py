@@ -1512,13 +1512,24 @@ class SpeechLLM(nn.Module):
         return SpeechOutput(None, None, hidden, cut.slot_mask[:, start:start + n].to(device))
 
     @torch.no_grad()
-    def generate(self, speech_embeds: torch.Tensor, instructions: Sequence[str], *, num_beams: int = 4,
-                 max_new_tokens: int = 200, length_penalty: float = 1.0) -> list[str]:
-        """Decode a response per row (SALMONN: beam 4, up to 200 new tokens, length penalty 1.0)."""
-        B, n, _ = speech_embeds.shape
-        batch = self.prompter.build(instructions, [n] * B, pad_left=True)
-        x = self._embed(batch, speech_embeds)
-        ids = self.llm.generate(inputs_embeds=x, attention_mask=batch.attention_mask.to(x.device),
-                                num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                length_penalty=length_penalty, eos_token_id=self.prompter.stop_ids)
-        return [self.tokenizer.decode(row).strip() for row in ids]
+    def generate(self, speech_embeds: torch.Tensor | None, instructions: Sequence[str], *,
+                 transcripts: Sequence[str] | None = None, num_beams: int = 4, max_new_tokens: int = 200,
+                 length_penalty: float = 1.0, return_ids: bool = False):
+        """Decode a response per row (SALMONN: beam 4, up to 200 new tokens, length penalty 1.0).
+
+        speech_embeds (B, n, hidden) fill the slot; or, for zero-shot text translation (Table 5), pass None
+        and `transcripts`: their tokens take the slot, tokenized as the text pass does, in the same prompt.
+        Returns the texts (special tokens dropped), and with return_ids also each row's new token ids
+        (without the stop token: a row of max_new_tokens ids hit the length limit).
+        """
+        slots = ([speech_embeds.shape[1]] * len(instructions) if speech_embeds is not None
+                 else [self.prompter.text_ids(t, "transcript") for t in transcripts])
+        batch = self.prompter.build(instructions, slots, pad_left=True)
+        device = self.llm.model.embed_tokens.weight.device
+        inputs = ({"inputs_embeds": self._embed(batch, speech_embeds)} if speech_embeds is not None
+                  else {"input_ids": batch.input_ids.to(device)})
+        ids = self.llm.generate(**inputs, attention_mask=batch.attention_mask.to(device), num_beams=num_beams,
+                                max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                                eos_token_id=self.prompter.stop_ids)
+        texts = [self.tokenizer.decode(row).strip() for row in ids]
+        return (texts, ids) if return_ids else texts

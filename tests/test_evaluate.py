@@ -178,12 +178,11 @@ def test_zero_shot_prompt_is_the_training_prompt_with_the_transcript_in_the_slot
     start, end = slot.index(True), len(slot) - slot[::-1].index(True)
     prompt_end = (train.labels[0] != -100).nonzero()[0].item()            # where the target begins
     expected = row[:start] + tr_ids + row[end:prompt_end]
-    zs = evaluate.zero_shot_prompt(model, [transcript, "hello world"], [instr, instr])
-    assert zs.input_ids[0][zs.attention_mask[0]].tolist() == expected
-    assert zs.attention_mask[:, -1].all()                                  # left-padded for generation
-    # and it is the text pass's prompt: the same ids at the same positions
-    text = model.prompter.build([instr], [tr_ids])
-    assert text.input_ids[0][text.attention_mask[0]].tolist() == expected
+    # the prompt SpeechLLM.generate builds from transcripts (left-padded) and the text pass's: the same ids
+    for pad_left in (True, False):
+        zs = model.prompter.build([instr, instr], [tr_ids, model.prompter.text_ids("hello world", "t")],
+                                  pad_left=pad_left)
+        assert zs.input_ids[0][zs.attention_mask[0]].tolist() == expected
     # the speech path with the transcript's embeddings in the slot decodes the same tokens
     emb = model.llm.model.embed_tokens(torch.tensor([tr_ids]))
     assert (evaluate.generate(model, [instr], speech=emb, num_beams=4, max_new_tokens=8)
