@@ -802,7 +802,9 @@ class SpeechDataset(torch.utils.data.Dataset):
     seed: the stream's order and the instruction drawn for each stream position.
     instructions: {task key: [instruction, ...]}, model.INSTRUCTIONS by default; training draws one per item
         from (seed, stream position), evaluation (an int index) takes the first.
-    max_samples: clips are cut to this many 16 kHz samples (30 s); n_mels, n_frames: Whisper's input.
+    n_mels, n_frames: Whisper's input; max_samples: clips are cut to this many 16 kHz samples, by default the
+        n_frames * 160 that Whisper sees (30 s), as SALMONN cuts them (BEATs then never sees more than Whisper,
+        and the Q-Former always makes the same number of speech tokens).
     skip_bad: an unreadable audio file is skipped with a warning (missing ones already here, corrupt ones when
         read); otherwise it is an error naming the file and entry. Missing files are looked for here, before any
         model is loaded (check_files=False skips the look).
@@ -815,7 +817,7 @@ class SpeechDataset(torch.utils.data.Dataset):
 
     def __init__(self, manifests: str | Path | Sequence[str | Path], weights: Sequence[float] | None = None, *,
                  seed: int = 0, instructions: dict[str, Sequence[str]] | None = None,
-                 max_samples: int | None = N_SAMPLES, n_mels: int = 80, n_frames: int = N_FRAMES,
+                 max_samples: int | None = None, n_mels: int = 80, n_frames: int = N_FRAMES,
                  skip_bad: bool = False, check_files: bool = True):
         manifests = [manifests] if isinstance(manifests, (str, Path)) else list(manifests)
         weights = [1.0] * len(manifests) if weights is None else [float(w) for w in weights]
@@ -829,7 +831,7 @@ class SpeechDataset(torch.utils.data.Dataset):
             from model import INSTRUCTIONS as instructions
         self.instructions = {k: list(v) for k, v in instructions.items()}
         self.seed, self.weights, self.skip_bad = int(seed), weights, skip_bad
-        self.max_samples, self.n_mels, self.n_frames = max_samples, n_mels, n_frames
+        self.max_samples, self.n_mels, self.n_frames = max_samples or n_frames * HOP_LENGTH, n_mels, n_frames
         lines, self.sizes = [], []
         for path in manifests:
             entries = read_manifest(path)
@@ -993,15 +995,20 @@ class ShardSampler(torch.utils.data.Sampler):
         return -(-len(self.indices) // self.batch_size)
 
 
-def load_batch(paths: Sequence[str | Path], n_mels: int = 80, device: str | torch.device = "cpu"):
-    """Audio files -> the inputs of both encoders, as SALMONN's collater makes them (layer selection uses it).
+def load_batch(entries: Sequence[dict | str | Path], n_mels: int = 80, device: str | torch.device = "cpu",
+               n_frames: int = N_FRAMES):
+    """Audio files or manifest entries (audio + optional start/end) -> the inputs of both encoders, as SALMONN's
+    collater makes them; each clip cut to Whisper's n_frames * 160 samples (30 s). Layer selection uses it.
 
-    Returns mel (B, n_mels, 3000), fbank (B, T, 128) over the zero-padded batch, and the waveform-level
+    Returns mel (B, n_mels, n_frames), fbank (B, T, 128) over the zero-padded batch, and the waveform-level
     padding mask (B, N_max), True = padding, which BEATs reduces to its tokens.
     """
-    wavs, padding_mask = pad_batch([load_audio(p) for p in paths])
+    entries = [e if isinstance(e, dict) else {"audio": e} for e in entries]
+    wavs, padding_mask = pad_batch([load_audio(e["audio"], e.get("start"), e.get("end"), max_samples=n_frames * HOP_LENGTH)
+                                    for e in entries])
     wavs, padding_mask = wavs.to(device), padding_mask.to(device)
-    return log_mel_spectrogram(wavs, n_mels=n_mels, padding_mask=padding_mask), beats_fbank(wavs), padding_mask
+    mel = log_mel_spectrogram(wavs, n_mels=n_mels, padding_mask=padding_mask, n_frames=n_frames)
+    return mel, beats_fbank(wavs), padding_mask
 
 
 # ---- corpora -> manifests: python data.py prepare CORPUS --root ... --out ... --------------------------------

@@ -1349,11 +1349,12 @@ class SpeechLLM(nn.Module):
             paths["beats"] = None
         for k in ("llm", "whisper"):
             if not paths[k]:
-                raise CheckpointError(f"the {k} weights are needed: pass --{k} ({ckpt} records no {k} path)")
+                raise CheckpointError(f"--{k} is required: {ckpt} records no {k} path")
         for k, p in paths.items():
             if p is not None and not Path(p).exists():
-                raise CheckpointError(f"{p}: no such file or directory (the {k} weights"
-                                      + (f" recorded in {ckpt})" if ckpt else ")"))
+                recorded = p != {"llm": llm, "whisper": whisper, "beats": beats}[k]
+                raise CheckpointError(f"--{k} {p}: no such file or directory"
+                                      + (f" (recorded in {Path(ckpt) / CONFIG_FILE}; --{k} overrides it)" if recorded else ""))
         if saved is not None:   # the trainable weights fit only the encoders and LLM they were trained on
             have = LLMConfig.from_dir(paths["llm"])
             for f in ("hidden_size", "num_hidden_layers", "vocab_size"):

@@ -221,7 +221,8 @@ def extract_states(model, entries: Sequence[dict], layers: Sequence[int], instru
     n_mels = model.config.whisper.num_mel_bins
     for start in tqdm(range(0, len(entries), batch_size), desc="hidden states", unit="batch", disable=not progress):
         batch = entries[start:start + batch_size]
-        mel, fbank, padding_mask = data.load_batch([e["audio"] for e in batch], n_mels=n_mels, device=device)
+        mel, fbank, padding_mask = data.load_batch(batch, n_mels=n_mels, device=device,
+                                                   n_frames=model.config.whisper.n_frames)
         sp = model.speech_pass(model.encode_speech(mel, fbank, padding_mask), [instruction] * len(batch),
                                layers=layers)
         tx = model.text_pass([e["transcript"] for e in batch], [instruction] * len(batch), layers=layers)
@@ -268,58 +269,21 @@ def _check_numbers(args) -> list:
 
 
 def _base_weights(args, problems: list):
-    """The base weights' paths (--llm/--whisper/--beats, else those recorded in --ckpt), each checked to exist,
-    and the LLM's layer count (from the checkpoint's config, else the LLM's config.json). No weights are read."""
-    from model import CONFIG_FILE, SpeechLLM
+    """The base weights' paths (--llm/--whisper/--beats, else those recorded in --ckpt), checked to exist and to
+    fit the checkpoint by SpeechLLM.resolve, and the LLM's layer count. No weights are read."""
+    from model import CheckpointError, LLMConfig, SpeechLLM
 
-    ckpt = Path(args.ckpt)
-    sources, saved_llm, known = {}, None, ckpt.is_file()  # known: what the checkpoint records is known
-    if ckpt.is_dir():
-        try:
-            info = SpeechLLM.checkpoint_info(ckpt)
-            sources, saved_llm, known = info.get("sources") or {}, info["config"]["llm"], True
-        except (ValueError, KeyError, TypeError) as e:
-            problems.append(f"--ckpt {e}" if isinstance(e, ValueError) else f"--ckpt {ckpt / CONFIG_FILE}: no config.llm")
-    elif not ckpt.is_file():
-        problems.append(f"--ckpt {ckpt}: no such checkpoint file or directory")
-    paths = {}
-    for k in ("llm", "whisper", "beats"):
-        path = getattr(args, k) or sources.get(k)
-        paths[k] = None if path in (None, "none") else Path(path)
-        where = (f"--{k} {path}" if getattr(args, k) else
-                 f"{k} path {path} (recorded in {ckpt / CONFIG_FILE}; --{k} overrides it)")
-        if paths[k] is None:
-            if k != "beats" and known:  # without BEATs the model is Whisper-only; the LLM and Whisper are required
-                problems.append(f"--{k} is required: {ckpt} records no {k} path" if ckpt.is_dir() else
-                                f"--{k} is required: a SALMONN checkpoint ({ckpt}) records no base weights")
-        elif not paths[k].exists():
-            problems.append(f"{where}: no such file or directory")
-        elif k == "llm" and not (paths[k] / "config.json").is_file():
-            problems.append(f"{where}: no config.json (an LLM checkpoint directory in the HF layout)")
-    num_layers = saved_llm["num_hidden_layers"] if saved_llm else None
-    if paths["llm"] is not None and (paths["llm"] / "config.json").is_file():
-        cfg_file = paths["llm"] / "config.json"
-        try:
-            cfg = dict(json.loads(cfg_file.read_text()))
-        except (ValueError, TypeError) as e:  # invalid JSON or text, or not an object
-            problems.append(f"{cfg_file}: not a JSON object ({e})")
-            return paths, num_layers
-        if saved_llm:  # the trainable weights fit only the LLM they were trained on: refuse before loading it
-            for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
-                if cfg.get(key) != saved_llm.get(key):
-                    problems.append(f"{cfg_file}: {key}={cfg.get(key)}, but {ckpt / CONFIG_FILE} was trained with "
-                                    f"an LLM of {key}={saved_llm.get(key)}")
-        elif isinstance(cfg.get("num_hidden_layers"), int):
-            num_layers = cfg["num_hidden_layers"]
-        else:
-            problems.append(f"{cfg_file}: no num_hidden_layers")
-    return paths, num_layers
+    try:
+        paths = SpeechLLM.resolve(args.ckpt, args.llm, args.whisper, args.beats)
+        return paths, LLMConfig.from_dir(paths["llm"]).num_hidden_layers
+    except CheckpointError as e:
+        problems.append(str(e))
+        return {}, None
 
 
 def _sample(args, problems: list):
     """The manifest read and checked, the pairs sampled, and each sampled pair's audio header read.
     Returns (indices, entries) of the sample, or ([], []) after a problem that leaves nothing to check."""
-    import soundfile as sf
     import data
 
     try:
@@ -355,16 +319,17 @@ def _sample(args, problems: list):
     bad = []
     for i in picked:
         e = entries[i]
-        if "start" in e or "end" in e:
-            bad.append(f"{at[i]}: a segment (start/end) of {e['audio']}: select_layers.py reads whole files")
-        elif not Path(e["audio"]).is_file():
+        try:
+            frames, sr = data.audio_info(e["audio"])
+        except FileNotFoundError:
             bad.append(f"{at[i]}: audio file not found: {e['audio']}")
-        else:
-            try:
-                if sf.info(e["audio"]).frames == 0:
-                    bad.append(f"{at[i]}: no samples in {e['audio']}")
-            except RuntimeError as err:  # soundfile's LibsndfileError
-                bad.append(f"{at[i]}: cannot read the audio header of {e['audio']} ({err})")
+            continue
+        except data.AudioError as err:
+            bad.append(f"{at[i]}: {err}")
+            continue
+        start, end = e.get("start") or 0.0, e.get("end") or frames / sr
+        if not 0 <= start < end <= frames / sr + 0.1:
+            bad.append(f"{at[i]}: segment [{start}, {end}) s is not inside {e['audio']} ({frames / sr:.3f} s)")
     if bad:
         shown = bad if len(bad) <= 20 else bad[:20] + [f"... and {len(bad) - 20} more"]
         problems.append(f"{len(bad)} of {len(picked)} sampled audio files cannot be used:\n    " + "\n    ".join(shown))

@@ -322,6 +322,15 @@ def test_load_batch_equals_each_clip_alone(tmp_path):
         torch.testing.assert_close(mel[i], data.log_mel_spectrogram(wav), rtol=0, atol=1e-5)
         n = (wav.shape[0] - 400) // 160 + 1
         torch.testing.assert_close(fbank[i, :n], data.beats_fbank(wav), rtol=0, atol=1e-4)
+    # manifest entries with a segment, for a Whisper with a 6-s window (the toy world's): the clip is cut to it
+    write_clip(tmp_path / "long.wav", 7.5, freq=500.0)
+    with pytest.warns(UserWarning, match=r"long\.wav: 7\.50 s is longer than 6 s"):
+        mel, fbank, mask = data.load_batch([{"audio": tmp_path / "a.wav", "start": 0.25, "end": 1.25},
+                                            {"audio": tmp_path / "long.wav"}], n_frames=600)
+    assert mel.shape == (2, 80, 600) and mask.shape == (2, 96000) and mask[0, 16000:].all()
+    seg = data.load_audio(tmp_path / "a.wav", 0.25, 1.25)
+    torch.testing.assert_close(mel[0], data.log_mel_spectrogram(seg, n_frames=600), rtol=0, atol=1e-5)
+    torch.testing.assert_close(fbank[1], data.beats_fbank(data.load_audio(tmp_path / "long.wav")[:96000]), rtol=0, atol=1e-4)
 
 
 # ---- corpora, in each publisher's layout --------------------------------------------------------------------
