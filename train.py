@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, plots")
     ap.add_argument("--init", help="start from a checkpoint: this project's directory or SALMONN's .pth "
                                    "(--stage joint: the stage-1 checkpoint, required)")
+    ap.add_argument("--qformer", metavar="FIELD=VALUE,...",
+                    help="a fresh bridge's shape, QFormerConfig fields, e.g. hidden=128,n_head=4,ffn=512 (default: "
+                         "SALMONN's BERT-base Q-Former; a run from --init takes the checkpoint's)")
     ap.add_argument("--layers", help="layers I of Eq. (6): select_layers.py's JSON, or a list like '0-1' or '0,5' "
                                      "(required with --align ot; 0 = the embeddings)")
     ap.add_argument("--align", choices=["ot", "ctc", "contrastive", "none"],
@@ -489,6 +492,28 @@ def parse_layer_spec(value: str, num_layers: int) -> list[int]:
         raise ArgumentError(str(e)) from None
 
 
+def parse_qformer(spec: str) -> dict:
+    """--qformer 'hidden=128,n_head=4,ffn=512' -> QFormerConfig overrides (its dims follow the encoders/LLM)."""
+    from qformer import QFormerConfig
+    fields = {k: f.type for k, f in QFormerConfig.__dataclass_fields__.items()
+              if k not in ("speech_dim", "audio_dim", "llm_hidden")}
+    out = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in fields:
+            raise ArgumentError(f"--qformer {spec}: unknown field {key!r} (known: {', '.join(fields)})")
+        try:
+            out[key] = float(value) if fields[key] in (float, "float") else int(value)
+        except ValueError:
+            raise ArgumentError(f"--qformer {spec}: {key}={value!r} is not a number") from None
+    try:
+        QFormerConfig(**out)
+    except ValueError as e:
+        raise ArgumentError(f"--qformer {spec}: {e}") from None
+    return out
+
+
 def check_args(args, world: int) -> argparse.Namespace:
     """Every argument and every manifest, checked before any model is loaded. Fills in the stage's defaults,
     the resolved paths (args.paths), the layers (list), args.accumulation, and the datasets.
@@ -533,6 +558,9 @@ def check_args(args, world: int) -> argparse.Namespace:
                             "other utterances)")
     if args.stage == "joint" and not args.init and not args.resume:
         raise ArgumentError("--stage joint starts from the stage-1 checkpoint: pass --init DIR (or SALMONN's .pth)")
+    args.qformer = parse_qformer(args.qformer) if args.qformer else {}
+    if args.qformer and args.init:
+        raise ArgumentError(f"--qformer: the bridge of --init {args.init} has its own shape; drop --qformer")
     if args.patience and not args.valid:
         raise ArgumentError(f"--patience {args.patience} needs --valid (early stopping on validation accuracy); "
                             f"--patience 0 trains all --steps")
@@ -624,7 +652,7 @@ def check_transcripts(dataset, manifests: list[Path], align: str) -> None:
                                     f"--align {align} needs the transcript of every training utterance")
 
 
-RESUME_KEYS = ("stage", "backbone", "paths", "train", "train_sizes", "layers", "align", "alpha", "global_batch",
+RESUME_KEYS = ("stage", "backbone", "paths", "train", "train_sizes", "qformer", "layers", "align", "alpha", "global_batch",
                "steps", "warmup", "lr", "warmup_lr", "min_lr", "weight_decay", "clip", "eval_every", "patience",
                "seed", "valid", "dtype")
 
@@ -787,10 +815,10 @@ def peak_memory_gib(device: torch.device) -> float:
 # 9. main: check -> load -> train -> summarise
 # ----------------------------------------------------------------------------------------------------
 
-def load_model(paths: dict, ckpt, dtype: torch.dtype, device: torch.device):
+def load_model(paths: dict, ckpt, dtype: torch.dtype, device: torch.device, qformer: dict | None = None):
     """The speech LLM from the base weights (+ the trainable weights of `ckpt`): frozen parts in `dtype`."""
     return SpeechLLM.from_pretrained(paths["llm"], paths["whisper"], paths["beats"], ckpt=ckpt, dtype=dtype,
-                                     device=device, verbose=False)
+                                     device=device, qformer=qformer or None, verbose=False)
 
 
 def compile_blocks(model) -> None:
@@ -849,7 +877,7 @@ def main(argv=None) -> dict:
 def build(args, ctx: Context):
     """The speech LLM (+ CTC head) on the device, and the trainable parameters with their names."""
     torch.manual_seed(args.seed)            # a fresh bridge / LoRA / CTC head starts the same on every process
-    model = load_model(args.paths, args.resume_from or args.init, ctx.dtype, ctx.device).train()
+    model = load_model(args.paths, args.resume_from or args.init, ctx.dtype, ctx.device, args.qformer).train()
     ctc_head = None
     if args.align == "ctc":   # an independent layer: speech tokens -> the LLM's vocabulary + blank (Table 4)
         ctc_head = nn.Linear(model.config.llm.hidden_size, model.config.llm.vocab_size + 1, device=ctx.device)

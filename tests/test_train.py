@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import data
 import sinkhorn
 import train
+from model import SpeechLLM
 
 PAIRS = [("hello world", "你好，世界！"), ("this is a test", "今天天气很好。"), ("it's fine", "我们去公园散步吧。"),
          ("new lines", "你好"), ("numbers and spaces", "世界"), ("the tokenizer", "公园")]
@@ -410,6 +411,14 @@ def test_nan_stops_naming_step_terms_and_ids(setup, monkeypatch):
     assert all(torch.isfinite(v).all() for v in trainable(out / "step_000001").values())
 
 
+def test_stage1_from_scratch_builds_the_bridge_of_qformer(setup):
+    out = setup["dir"] / "stage1_fresh"
+    train.main(argv(setup, out, "--stage", "pretrain", "--init", "", "--qformer", "hidden=16,n_head=2,ffn=24",
+                    "--global-batch", "2", "--micro-batch", "2", "--steps", "1", "--warmup", "0"))
+    saved = SpeechLLM.saved_config(out / "step_000001").qformer
+    assert (saved.hidden, saved.n_head, saved.ffn, saved.llm_hidden) == (16, 2, 24, 32)
+
+
 def test_mixed_manifests_follow_their_weights(setup):
     args = train.build_parser().parse_args(argv(setup, setup["dir"] / "mix", "--align", "none", "--stage", "pretrain",
                                                 "--train", f"{setup['train']}:2", f"{setup['aac']}:0.5",
@@ -458,6 +467,10 @@ BAD = [
      r"aac.jsonl: entry 'aac_0' \(task aac\) has no 'transcript'; --align ot needs"),
     (("--layers", "0", "--train", "{broken}"), r"broken.jsonl:2: field 'translation' is missing"),
     (("--layers", "0", "--train", "{missing_audio}"), r"1 of 1 audio files are missing \(m0: .*gone.wav"),
+    (("--layers", "0", "--qformer", "hidden=16,n_head=2"), r"--qformer: the bridge of --init .*stage1 has its own shape"),
+    (("--stage", "pretrain", "--init", "", "--qformer", "width=16"), r"--qformer width=16: unknown field 'width'"),
+    (("--stage", "pretrain", "--init", "", "--qformer", "hidden=30,n_head=4"),
+     r"--qformer hidden=30,n_head=4: .*hidden=30 is not a multiple of n_head=4"),
     (("--layers", "0", "--backbone", "{other_llm}"), r"stage1 was trained on an LLM with hidden_size=32, but .* has "
                                                      r"hidden_size=64: another backbone"),
 ]
