@@ -1268,7 +1268,9 @@ def main(argv=None) -> None:
     b.add_argument("--out", required=True, help="the world's folder")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quick", action="store_true", help="a small world and short pretraining (for CI)")
-    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    b.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: the encoders' data workers use the other core, and one thread "
+                        "makes the weights reproducible on a machine)")
     b.add_argument("--force", action="store_true", help="rebuild even if --out holds a world")
     s = sub.add_parser("sample", help="print sentence pairs of the two languages")
     s.add_argument("--seed", type=int, default=0)
@@ -1284,11 +1286,10 @@ def main(argv=None) -> None:
         return
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} exists and is not a folder")
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error(f"--threads must be >= 1, got {args.threads}")
-        import torch
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    import torch
+    torch.set_num_threads(args.threads)
     try:
         build(args.out, seed=args.seed, quick=args.quick, force=args.force)
     except FileExistsError as e:
