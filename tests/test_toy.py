@@ -1,0 +1,202 @@
+"""The toy world: determinism, the grammar's properties, the audio against its manifests, and the base
+models in their public layouts (loaded by our loaders and by transformers' where one exists)."""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import data
+import toy
+from model import BEATs, BEATsConfig, LLM, WhisperEncoder, load_tokenizer
+
+# a world far smaller than --quick: a few clips per split, two optimizer steps per model
+MICRO = toy.Sizes(asr_train=6, asr_valid=2, aac_train=4, aac_valid=3, asr_test_clean=2, st_train=4, st_dev=2,
+                  st_test=2, mt_test=3, llm_mt=60, llm_en=20, llm_zh=20, llm_steps=2, llm_rows=2, whisper_steps=2,
+                  whisper_batch=4, beats_steps=2, beats_batch=2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return toy.build(tmp_path_factory.mktemp("toy") / "world", seed=0, sizes=MICRO, workers=0)
+
+
+def _digests(root: Path) -> dict[str, str]:
+    skip = {"world.json", "base_models.json"}     # they hold wall-clock times
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def test_same_seed_same_bytes(world, tmp_path):
+    """Text, audio, manifests, and (one torch thread, as in the tests) the weights: byte for byte."""
+    again = toy.build(tmp_path / "again", seed=0, sizes=MICRO, workers=0)
+    first, second = _digests(world), _digests(again)
+    assert len(first) > 40 and first == second
+    assert {"models/qwen2-toy/model-00001-of-00002.safetensors", "models/whisper-toy/model.safetensors",
+            "models/beats-toy.pt", "audio/st_test/st_test-00001.flac", "text/mt_train.jsonl"} <= set(first)
+    other = toy.write_world(tmp_path / "other", 1, MICRO, workers=1)      # another seed, another world
+    assert other["st_test"] != toy.draw_sentences(0, MICRO)["st_test"]
+    assert _digests(tmp_path / "other")["st_train.jsonl"] != first["st_train.jsonl"]
+
+
+def test_cached_and_refused(world):
+    stamp = (world / "world.json").stat().st_mtime_ns
+    assert toy.build(world, seed=0, sizes=MICRO, workers=0) == world         # cached: nothing rebuilt
+    assert (world / "world.json").stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="another toy world"):
+        toy.build(world, seed=1, sizes=MICRO, workers=0)
+
+
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    for argv, msg in ((["build", "--out", str(f)], "not a folder"), (["build", "--out", str(tmp_path), "--seed", "-1"],
+                      "--seed must be >= 0"), (["build", "--out", str(tmp_path), "--threads", "0"], "--threads")):
+        with pytest.raises(SystemExit):
+            toy.main(argv)
+        assert msg in capsys.readouterr().err
+
+
+def test_splits_disjoint_and_sized(world):
+    sents = toy.draw_sentences(0, MICRO)
+    held = [en for split in toy.HELD_OUT for en, _ in sents[split]]
+    assert len(held) == len(set(held))                                       # held-out sentences all distinct
+    train = {en for split in ("asr_train", "st_train", "llm_mt", "llm_en", "llm_zh") for en, _ in sents[split]}
+    assert not train & set(held)
+    for split in toy.SPLITS:
+        assert len(toy._read_jsonl(world / f"{split}.jsonl")) == getattr(MICRO, split)
+
+
+def test_grammar_reorders_and_is_not_a_cipher():
+    rng = np.random.default_rng(7)
+    pairs = [toy.sample_sentence(rng) for _ in range(3000)]
+    for en, zh in pairs:
+        assert toy.MIN_WORDS <= len(en.split()) <= toy.MAX_WORDS and zh.endswith("。")
+        assert sum(c != " " for c in en) <= toy.MAX_LETTERS and set(en) <= set(toy.CTC_ALPHABET[1:])
+    # the subordinate clause comes first in Chinese wherever it stands in English
+    because = [(en, zh) for en, zh in pairs if " because " in en]
+    assert because and all(zh.startswith("因为") and "所以" in zh for _, zh in because)
+    # a time adverb at the end of the English sentence moves before the verb
+    late = [zh for en, zh in pairs if en.endswith(" yesterday") and "，" not in zh]
+    assert late and all(zh.index("昨天") < len(zh) - 4 for zh in late)
+    # one to many: the article takes the noun's classifier; a preposition becomes a circumposition
+    assert any(" a dog" in f" {en}" for en, _ in pairs)
+    for en, zh in pairs:
+        if " a dog " in f" {en} ":
+            assert "一只" in zh
+        if " in the house" in en:
+            assert "在房子里" in zh
+        if en.startswith("the ") and " the " not in en[3:] and "，" not in zh:
+            assert "the" not in zh                                           # `the` has no counterpart
+    # many to one: "is running" -> 正在跑, "does not run" -> 不跑; agreement on the English side only
+    dog, dogs = toy.Phrase(["the", "dog"], "狗"), toy.Phrase(["the", "dogs"], "狗", number="pl")
+    run = toy.INTRANSITIVE[0]
+    assert toy.verb_forms(dog, run, "present", False) == (["runs"], "", "跑")
+    assert toy.verb_forms(dogs, run, "present", False) == (["run"], "", "跑")
+    assert toy.verb_forms(dog, run, "progressive", False) == (["is", "running"], "正在", "跑")
+    assert toy.verb_forms(dogs, run, "progressive", True) == (["are", "not", "running"], "没有在", "跑")
+    assert toy.verb_forms(dog, run, "present", True) == (["does", "not", "run"], "不", "跑")
+    assert toy.verb_forms(dog, run, "past", False) == (["ran"], "", "跑了")
+
+
+def test_ctc_path_spells_the_text():
+    wav, letters = toy.synthesize("all good kids", np.random.default_rng(3), alignment=True)
+    path = toy.ctc_path(letters, 300)
+    assert toy.ctc_decode(torch.nn.functional.one_hot(path, len(toy.CTC_ALPHABET))[None].float()) == ["all good kids"]
+    # the clip is the plan rounded to 5-ms frames, plus one frame
+    assert 0 <= len(wav) / toy.SAMPLE_RATE - letters[-1][2] < 0.0076
+
+
+def test_audio_is_what_the_manifests_say(world):
+    for split, (task, _) in toy.SPLITS.items():
+        entries, meta = toy._read_jsonl(world / f"{split}.jsonl"), toy.read_meta(world, split)
+        assert [e["id"] for e in entries] == [m["id"] for m in meta]
+        for e, m in zip(entries, meta):
+            info = sf.info(str(world / e["audio"]))
+            assert (info.samplerate, info.channels, info.format, info.subtype) == (16000, 1, "FLAC", "PCM_16")
+            assert 0.3 < info.duration <= toy.MAX_SECONDS + 0.01 and e["task"] == task
+            if task == "aac":
+                for label in m["labels"]:                                    # the caption names every sound
+                    words = toy.COUNTED[label][0].split()[-1] if label in toy.COUNTED else toy.PHRASES[label].split()[-1]
+                    assert words.rstrip("s") in e["caption"]
+                continue
+            assert e["lang"] == "en" and "".join(c for c, _, _ in m["letters"]) == e["transcript"]
+            assert -0.0001 < info.duration - m["letters"][-1][2] < 0.0076      # plus < 1.5 5-ms frames
+            if task == "st":
+                assert e["tgt_lang"] == "zh" and e["translation"].endswith("。")
+
+
+def test_llm_loads_in_both_and_equals_transformers(world):
+    transformers = pytest.importorskip("transformers")
+    d = world / toy.PATHS["llm"]
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
+                                                         "model-00002-of-00002.safetensors"]
+    ours = LLM.from_pretrained(d, dtype=torch.float32)
+    theirs = transformers.Qwen2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    tok = load_tokenizer(d)
+    n = tok.tok.get_vocab_size()
+    # Qwen2's special tokens, after the learnt vocabulary; the embedding padded to a multiple of 64
+    assert [tok.token_id(t) for t in toy.SPECIAL_TOKENS] == [n - 3, n - 2, n - 1] and tok.eos_id == n - 3
+    assert ours.config.vocab_size % 64 == 0 and ours.config.family == "qwen2" and ours.config.qkv_bias
+    text = "<|im_start|>user\nthe dog sees a cat<|im_end|>\n<|im_start|>assistant\n狗看见一只猫。<|im_end|>"
+    assert tok.decode(tok.encode(text)) == text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        # same float32 weights, same operations up to kernel order: equal to rounding
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_whisper_loads_in_both_and_equals_transformers(world):
+    transformers = pytest.importorskip("transformers")
+    d = world / toy.PATHS["whisper"]
+    from safetensors import safe_open
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("model.encoder.") for k in f.keys())
+    ours = WhisperEncoder.from_pretrained(d, dtype=torch.float32)
+    assert ours.config.n_frames == 600
+    theirs = transformers.WhisperModel.from_pretrained(d, dtype=torch.float32).eval().encoder
+    wav = data.load_audio(world / "audio/asr_test_clean/asr_test_clean-00000.flac")
+    mel = data.log_mel_spectrogram([wav], n_frames=600)                      # (1, 80, 600): 6 s
+    with torch.no_grad():
+        # float32 on both sides, same weights: equal to rounding
+        torch.testing.assert_close(ours(mel), theirs(mel).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_beats_file_is_official_and_round_trips(world, tmp_path):
+    ckpt = torch.load(world / toy.PATHS["beats"], weights_only=True)
+    assert set(ckpt) == {"cfg", "model", "label_dict"} and ckpt["label_dict"] == dict(enumerate(toy.SOUND_LABELS))
+    sd, K = ckpt["model"], toy.TOY_BEATS["conv_pos"]
+    assert sd["encoder.pos_conv.0.weight_g"].shape == (1, 1, K) and "encoder.pos_conv.0.weight" not in sd
+    assert sd["predictor.weight"].shape == (len(toy.SOUND_LABELS), toy.TOY_BEATS["encoder_embed_dim"])
+    # the shared relative-position table is stored under every layer, as the official state dict does
+    table = [k for k in sd if k.endswith("relative_attention_bias.weight")]
+    assert len(table) == toy.TOY_BEATS["encoder_layers"]
+    BEATs.from_pretrained(world / toy.PATHS["beats"], dtype=torch.float32)
+    # a module with non-trivial weights -> the official file -> BEATs.from_pretrained: the same outputs
+    torch.manual_seed(0)
+    beats = BEATs(BEATsConfig.from_checkpoint_cfg(toy.TOY_BEATS))
+    with torch.no_grad():
+        for p in beats.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    head = torch.nn.Linear(beats.config.encoder_embed_dim, len(toy.SOUND_LABELS))
+    toy.save_beats(beats, head, tmp_path / "b.pt")
+    loaded = BEATs.from_pretrained(tmp_path / "b.pt", dtype=torch.float32)
+    wavs, mask = data.pad_batch([torch.from_numpy(toy.sound_clip(np.random.default_rng(i))[0]) for i in range(2)])
+    fbank = data.beats_fbank(wavs, mask)
+    with torch.no_grad():
+        a, b = beats(fbank, mask), loaded(fbank, mask)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])             # g / ||v|| is exactly 1: no rounding
+
+
+def test_base_models_report(world):
+    report = json.loads((world / "base_models.json").read_text())
+    assert {"llm", "whisper", "beats", "command", "seconds"} <= set(report)
+    assert 0 <= report["llm"]["mt_bleu"] <= 100 and "tok:zh" in report["llm"]["signature"]
+    assert report["whisper"]["n_frames"] == 600 and report["whisper"]["n"] == MICRO.asr_test_clean
+    assert report["beats"]["n"] == MICRO.aac_valid
+    info = json.loads((world / "world.json").read_text())
+    assert info["seed"] == 0 and all((world / p).exists() for p in info["paths"].values())

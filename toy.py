@@ -1,0 +1,1300 @@
+"""The toy world: AI-STA end to end on a laptop CPU, from a seed.
+
+A small synthetic speech-translation world, generated here and cached, with tiny *pretrained* base models
+saved in the exact public checkpoint layouts, so the real code paths (loaders, training, layer selection,
+evaluation) run unchanged on it:
+
+  1. two languages: a fragment of English (3-12 words: agreement, case, modifiers, relative clauses,
+     subordinate clauses) and its translation into Chinese characters, produced from one syntax tree by two
+     linearisations. Not a word-for-word cipher: adverbials and reason/time clauses move before the verb,
+     relative clauses before the noun; `the`, `that`, `does` have no counterpart; `a` -> 一 + a classifier
+     chosen by the noun; `in the X` -> 在 X 里; `is running` -> 正在跑; `old` -> 老 or 旧 by the noun;
+  2. speech: each English sentence rendered at 16 kHz by a source-filter synthesizer written here: every
+     letter is a phone-like segment (vowels and sonorants are formants over a pitch contour, fricatives
+     band noise, stops a closure and a burst), with each utterance's own speaker (pitch, vocal-tract
+     length), speaking rate, jitter and background noise, so no word sounds the same twice;
+  3. sounds for captioning: tones, chirps, noise bursts, clicks and buzzes in sequences, with templated
+     captions ("a rising chirp, then two clicks");
+  4. manifests in the project's JSON-lines format: stage-1 ASR and captioning, a LibriSpeech-test-clean-like
+     ASR set for layer selection, and a small speech-translation set; plenty of text for the LLM;
+  5. base models pretrained by the build: a Qwen2-architecture LLM (byte-level BPE tokenizer, sharded
+     safetensors) on the text and on MT pairs in the chat template, a Whisper-architecture encoder with a
+     CTC head on the speech, a BEATs-architecture encoder on the sounds.
+
+    python toy.py build --out toy_world --seed 0 [--quick]
+
+Everything is deterministic from the seed: the text, audio and manifests byte for byte (numpy only, no
+torch), the weights for a given machine and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The two languages
+# ----------------------------------------------------------------------------------------------------
+#
+# A sentence is built as a tree of phrases; each phrase carries its English words and its Chinese string,
+# so the two languages are two linearisations of one structure. The rules of the Chinese side, in the order
+# the code applies them:
+#   NP   = [det+classifier | 这些 | 我的 ...] [relative clause + 的] [adjective (+ 的 if two characters or
+#          modified by 很/非常)] noun         "the big dog that sees the cat" -> 看见猫的大狗
+#   VP   = subject [time] [place PP] [manner] aspect/negation verb [了] [object]
+#          "the dog ate the apple in the house yesterday" -> 狗昨天在房子里吃了苹果
+#   pred = subject 很/非常/不 adjective   ("is" has no counterpart, 很 has none in English)
+#   S because S  /  S when S  -> 因为 S ， 所以 S 。 / S 的时候 ， S 。  (the subordinate clause always first)
+
+# nouns: singular, plural, Chinese, classifier, kind (animal / person / thing / place)
+NOUNS = [
+    ("dog", "dogs", "狗", "只", "animal"), ("cat", "cats", "猫", "只", "animal"),
+    ("bird", "birds", "鸟", "只", "animal"), ("horse", "horses", "马", "匹", "animal"),
+    ("fish", "fish", "鱼", "条", "animal"), ("mouse", "mice", "老鼠", "只", "animal"),
+    ("rabbit", "rabbits", "兔子", "只", "animal"), ("cow", "cows", "牛", "头", "animal"),
+    ("man", "men", "男人", "个", "person"), ("woman", "women", "女人", "个", "person"),
+    ("child", "children", "孩子", "个", "person"), ("teacher", "teachers", "老师", "位", "person"),
+    ("doctor", "doctors", "医生", "位", "person"), ("farmer", "farmers", "农民", "个", "person"),
+    ("student", "students", "学生", "个", "person"), ("king", "kings", "国王", "位", "person"),
+    ("book", "books", "书", "本", "thing"), ("apple", "apples", "苹果", "个", "thing"),
+    ("car", "cars", "车", "辆", "thing"), ("letter", "letters", "信", "封", "thing"),
+    ("cup", "cups", "杯子", "个", "thing"), ("boat", "boats", "船", "条", "thing"),
+    ("ball", "balls", "球", "个", "thing"), ("cake", "cakes", "蛋糕", "块", "thing"),
+]
+FOOD = {"apple", "cake", "fish"}
+WRITTEN = {"book", "letter"}
+
+# places for prepositional phrases: English, Chinese, the prepositions that fit
+PLACES = [
+    ("house", "房子", ("in", "near", "behind")), ("garden", "花园", ("in", "near")),
+    ("river", "河", ("near",)), ("school", "学校", ("in", "near", "behind")),
+    ("park", "公园", ("in", "near")), ("kitchen", "厨房", ("in",)), ("forest", "森林", ("in", "near")),
+    ("table", "桌子", ("under", "near", "on")), ("tree", "树", ("under", "behind", "near")),
+    ("bridge", "桥", ("under", "on", "near")),
+]
+# a preposition is a circumposition around the place: in the house -> 在房子里
+PREPOSITIONS = {"in": ("在", "里"), "near": ("在", "附近"), "behind": ("在", "后面"),
+                "under": ("在", "下面"), "on": ("在", "上")}
+
+# verbs: base, 3rd singular, past, -ing, Chinese; a particle follows the English verb (look at, pick up)
+INTRANSITIVE = [
+    ("run", "runs", "ran", "running", "跑"), ("sleep", "sleeps", "slept", "sleeping", "睡觉"),
+    ("sing", "sings", "sang", "singing", "唱歌"), ("swim", "swims", "swam", "swimming", "游泳"),
+    ("dance", "dances", "danced", "dancing", "跳舞"), ("cry", "cries", "cried", "crying", "哭"),
+    ("laugh", "laughs", "laughed", "laughing", "笑"), ("walk", "walks", "walked", "walking", "走路"),
+    ("wait", "waits", "waited", "waiting", "等"), ("jump", "jumps", "jumped", "jumping", "跳"),
+    ("wake up", "wakes up", "woke up", "waking up", "醒来"), ("sit down", "sits down", "sat down", "sitting down", "坐下"),
+]
+# transitive verbs and the kinds of object they take ("food", "written", "thing", "animate", "any")
+TRANSITIVE = [
+    ("see", "sees", "saw", "seeing", "看见", "any"), ("eat", "eats", "ate", "eating", "吃", "food"),
+    ("read", "reads", "read", "reading", "读", "written"), ("write", "writes", "wrote", "writing", "写", "written"),
+    ("buy", "buys", "bought", "buying", "买", "thing"), ("find", "finds", "found", "finding", "找到", "any"),
+    ("like", "likes", "liked", "liking", "喜欢", "any"), ("carry", "carries", "carried", "carrying", "带着", "thing"),
+    ("help", "helps", "helped", "helping", "帮助", "animate"), ("push", "pushes", "pushed", "pushing", "推", "thing"),
+    ("look at", "looks at", "looked at", "looking at", "看", "any"),
+    ("pick up", "picks up", "picked up", "picking up", "捡起", "thing"),
+    ("look for", "looks for", "looked for", "looking for", "找", "any"),
+]
+# adjectives: English, Chinese for animate nouns, Chinese for things (old -> 老 / 旧)
+ADJECTIVES = [
+    ("big", "大", "大"), ("large", "大", "大"), ("small", "小", "小"), ("little", "小", "小"),
+    ("red", "红", "红"), ("white", "白", "白"), ("black", "黑", "黑"), ("old", "老", "旧"),
+    ("young", "年轻", None), ("happy", "快乐", None), ("beautiful", "漂亮", "漂亮"), ("new", None, "新"),
+]
+# predicative adjectives (subject is ...): only for animate subjects
+PREDICATES = [("hungry", "饿"), ("tired", "累"), ("happy", "高兴"), ("sad", "难过"), ("busy", "忙"),
+              ("big", "大"), ("small", "小"), ("old", "老"), ("young", "年轻")]
+MANNER = [("quickly", "很快地"), ("slowly", "慢慢地"), ("quietly", "安静地"), ("happily", "高兴地")]
+# time adverbs and the tenses they fit
+TIMES = [("yesterday", "昨天", ("past",)), ("today", "今天", ("past", "progressive", "future")),
+         ("tomorrow", "明天", ("future",)), ("every day", "每天", ("present",)), ("now", "现在", ("progressive",))]
+PRONOUNS = [  # subject, object, Chinese, person, number
+    ("i", "me", "我", 1, "sg"), ("you", "you", "你", 2, "sg"), ("he", "him", "他", 3, "sg"),
+    ("she", "her", "她", 3, "sg"), ("we", "us", "我们", 1, "pl"), ("they", "them", "他们", 3, "pl"),
+]
+POSSESSIVES = [("my", "我的"), ("your", "你的"), ("his", "他的"), ("her", "她的"), ("our", "我们的"), ("their", "他们的")]
+NUMBERS = [("two", "两"), ("three", "三"), ("four", "四")]
+SAY_VERBS = [("say", "says", "said", "说"), ("think", "thinks", "thought", "觉得"), ("know", "knows", "knew", "知道")]
+VOWELS = set("aeiou")
+
+
+@dataclass
+class Phrase:
+    en: list[str]
+    zh: str
+    person: int = 3
+    number: str = "sg"
+    kind: str = "thing"
+
+
+def _pick(rng: np.random.Generator, items):
+    return items[int(rng.integers(len(items)))]
+
+
+def _adjective(rng, kind: str) -> tuple[str, str] | None:
+    """An adjective fitting a noun of `kind`: (English, Chinese)."""
+    animate = kind in ("animal", "person")
+    options = [(en, a if animate else t) for en, a, t in ADJECTIVES if (a if animate else t)]
+    return _pick(rng, options)
+
+
+def noun_phrase(rng, role: str, kind: str = "any", depth: int = 0) -> Phrase:
+    """A noun phrase as subject or object; `kind` restricts the noun (see TRANSITIVE)."""
+    if kind in ("any", "animate") and rng.random() < 0.18:
+        subj, obj, zh, person, number = _pick(rng, PRONOUNS)
+        return Phrase([subj if role == "subject" else obj], zh, person, number, "person")
+    nouns = [n for n in NOUNS if kind == "any" or n[4] == kind or (kind == "animate" and n[4] in ("animal", "person"))
+             or (kind == "food" and n[0] in FOOD) or (kind == "written" and n[0] in WRITTEN)]
+    sg, pl, zh_noun, cl, nkind = _pick(rng, nouns)
+    plural = rng.random() < 0.3
+    en_noun = pl if plural else sg
+    # the determiner: English article/demonstrative/number; Chinese (number or demonstrative) + classifier
+    r = rng.random()
+    if plural:
+        det = (("the", "") if r < 0.45 else _pick(rng, [("these", "这些"), ("those", "那些")]) if r < 0.6
+               else (lambda n: (n[0], n[1] + cl))(_pick(rng, NUMBERS)) if r < 0.75
+               else _pick(rng, [("some", "一些"), ("many", "很多")]) if r < 0.85 else _pick(rng, POSSESSIVES))
+    else:
+        det = (("the", "") if r < 0.5 else ("a", "一" + cl) if r < 0.7
+               else _pick(rng, [("this", "这" + cl), ("that", "那" + cl)]) if r < 0.85 else _pick(rng, POSSESSIVES))
+    adj_en, adj_zh = [], ""
+    if rng.random() < 0.3:
+        en, zh = _adjective(rng, nkind)
+        if rng.random() < 0.2:
+            very = _pick(rng, [("very", "很"), ("very", "非常")])  # very -> 很 or 非常 (free variation, as in Chinese)
+            adj_en, adj_zh = ["very", en], very[1] + zh + "的"
+        else:
+            adj_en, adj_zh = [en], zh + ("的" if len(zh) > 1 else "")
+    rel_en, rel_zh = [], ""
+    if depth == 0 and rng.random() < 0.12:
+        rel_en, rel_zh = relative_clause(rng, plural)
+    det_en, det_zh = det
+    if det_en == "a" and (adj_en or [en_noun])[0][0] in VOWELS:
+        det_en = "an"
+    return Phrase([*det_en.split(), *adj_en, *en_noun.split(), *rel_en], det_zh + rel_zh + adj_zh + zh_noun,
+                  3, "pl" if plural else "sg", nkind)
+
+
+def relative_clause(rng, plural: bool) -> tuple[list[str], str]:
+    """'that sees the cat' -> 看见猫的 (before the noun in Chinese); present or past, positive."""
+    past = rng.random() < 0.4
+    if rng.random() < 0.5:
+        base, s3, pa, _, zh = _pick(rng, INTRANSITIVE)
+        en = pa if past else (base if plural else s3)
+        return ["that", *en.split()], zh + "的"
+    base, s3, pa, _, zh, okind = _pick(rng, TRANSITIVE)
+    obj = noun_phrase(rng, "object", okind, depth=1)
+    en = pa if past else (base if plural else s3)
+    return ["that", *en.split(), *obj.en], zh + obj.zh + "的"
+
+
+def verb_forms(subject: Phrase, verb: tuple, tense: str, negative: bool) -> tuple[list[str], str, str]:
+    """English verb group with agreement, and the Chinese (pre-verb, verb + aspect) parts.
+
+    Returns (english words, chinese before the verb, chinese verb with aspect marker): 了 follows a past
+    positive verb, 没有 negates the past, 不 the present and future, 正在 marks the progressive.
+    """
+    base, s3, past, ing, zh = verb[:5]
+    third_sg = subject.person == 3 and subject.number == "sg"
+    be = ("am" if subject.person == 1 and subject.number == "sg" else "is" if third_sg else "are")
+    if tense == "present":
+        en = (["does" if third_sg else "do", "not", *base.split()] if negative
+              else (s3 if third_sg else base).split())
+        return en, "不" if negative else "", zh
+    if tense == "past":
+        en = ["did", "not", *base.split()] if negative else past.split()
+        return en, "没有" if negative else "", zh if negative else zh + "了"
+    if tense == "progressive":
+        en = [be, *(["not"] if negative else []), *ing.split()]
+        return en, "没有在" if negative else "正在", zh
+    en = ["will", *(["not"] if negative else []), *base.split()]           # future
+    return en, "不会" if negative else "会", zh
+
+
+def simple_clause(rng) -> Phrase:
+    """One clause: an action (intransitive or transitive, with optional place, manner, time) or a
+    predicate (is hungry, is in the house)."""
+    r = rng.random()
+    if r < 0.16:                                                            # predicative
+        subj = noun_phrase(rng, "subject", "animate")
+        third_sg = subj.person == 3 and subj.number == "sg"
+        be = "am" if subj.person == 1 and subj.number == "sg" else "is" if third_sg else "are"
+        neg = rng.random() < 0.2
+        if rng.random() < 0.6:
+            en, zh = _pick(rng, PREDICATES)
+            degree = ("not", "不") if neg else (("very", "非常") if rng.random() < 0.3 else ("", "很"))
+            return Phrase([*subj.en, be, *degree[0].split(), en], subj.zh + degree[1] + zh)
+        place, pp = place_phrase(rng)
+        return Phrase([*subj.en, be, *(["not"] if neg else []), *place], subj.zh + ("不" if neg else "") + pp)
+    subj = noun_phrase(rng, "subject", "animate")
+    tense = _pick(rng, ["present", "past", "progressive", "future"])
+    negative = rng.random() < 0.15
+    transitive = r < 0.62
+    verb = _pick(rng, TRANSITIVE if transitive else INTRANSITIVE)
+    en_verb, zh_pre, zh_verb = verb_forms(subj, verb, tense, negative)
+    obj = noun_phrase(rng, "object", verb[5]) if transitive else None
+    place = place_phrase(rng) if rng.random() < 0.25 else None
+    manner = _pick(rng, MANNER) if (not transitive and rng.random() < 0.2) else None
+    times = [t for t in TIMES if tense in t[2]]
+    when = _pick(rng, times) if (times and rng.random() < 0.25) else None
+    en = [*subj.en, *en_verb, *(obj.en if obj else []), *(place[0] if place else []),
+          *(manner[0].split() if manner else []), *(when[0].split() if when else [])]
+    zh = (subj.zh + (when[1] if when else "") + (place[1] if place else "") + (manner[1] if manner else "")
+          + zh_pre + zh_verb + (obj.zh if obj else ""))
+    return Phrase(en, zh)
+
+
+def place_phrase(rng) -> tuple[list[str], str]:
+    en, zh, preps = _pick(rng, PLACES)
+    prep = _pick(rng, preps)
+    before, after = PREPOSITIONS[prep]
+    return [prep, "the", en], before + zh + after
+
+
+def sentence(rng) -> tuple[str, str]:
+    """One (English, Chinese) pair. English: lower case, no punctuation (an ASR transcript); Chinese:
+    clauses separated by ， and ended by 。."""
+    r = rng.random()
+    if r < 0.1:                                                             # because
+        a, b = simple_clause(rng), simple_clause(rng)
+        if rng.random() < 0.5:
+            return " ".join(["because", *a.en, *b.en]), f"因为{a.zh}，所以{b.zh}。"
+        return " ".join([*b.en, "because", *a.en]), f"因为{a.zh}，所以{b.zh}。"
+    if r < 0.18:                                                            # when
+        a, b = simple_clause(rng), simple_clause(rng)
+        if rng.random() < 0.5:
+            return " ".join(["when", *a.en, *b.en]), f"{a.zh}的时候，{b.zh}。"
+        return " ".join([*b.en, "when", *a.en]), f"{a.zh}的时候，{b.zh}。"
+    if r < 0.26:                                                            # says that
+        subj = noun_phrase(rng, "subject", "person")
+        base, s3, past, zh = _pick(rng, SAY_VERBS)
+        third_sg = subj.person == 3 and subj.number == "sg"
+        verb = past if rng.random() < 0.4 else (s3 if third_sg else base)
+        a = simple_clause(rng)
+        return " ".join([*subj.en, verb, "that", *a.en]), f"{subj.zh}{zh}{a.zh}。"
+    a = simple_clause(rng)
+    return " ".join(a.en), a.zh + "。"
+
+
+MIN_WORDS, MAX_WORDS = 3, 12
+MAX_LETTERS = 56          # keeps every utterance under the toy Whisper's 6-s window at the slowest rate
+
+
+def sample_sentence(rng) -> tuple[str, str]:
+    """A sentence of 3-12 English words and at most MAX_LETTERS letters (rejection sampling)."""
+    while True:
+        en, zh = sentence(rng)
+        n = len(en.split())
+        if MIN_WORDS <= n <= MAX_WORDS and sum(c != " " for c in en) <= MAX_LETTERS:
+            return en, zh
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The speech synthesizer
+# ----------------------------------------------------------------------------------------------------
+#
+# Source-filter synthesis in the short-time Fourier domain, all in numpy (bit-reproducible, no torch):
+# a glottal pulse train (a sawtooth at the pitch contour) and white noise are each transformed
+# (20-ms Hann frames, 5-ms hop), multiplied frame by frame by a spectral envelope -- formant resonances
+# for the voiced source, a Gaussian band for the noise -- and overlap-added back.
+# Every letter is one "phone", a sequence of segments (duration ms, voicing, noise, formants F1-F3,
+# noise band centre and width); formants glide between neighbours (coarticulation), and every utterance
+# draws its own speaker and manner: pitch, vocal-tract length, rate, loudness, jitter, noise.
+
+SAMPLE_RATE = 16000
+SYN_N_FFT, SYN_HOP = 320, 80                   # 20-ms frames, 5-ms hop: 200 envelope frames per second
+MAX_SECONDS = 5.9                               # every utterance fits the toy Whisper's 6-s window
+
+
+def _seg(ms, voice=0.0, noise=0.0, formants=(500, 1500, 2500), band=(1500, 1500)):
+    return (ms, voice, noise, formants, band)
+
+
+_ASP = _seg(15, 0.0, 0.15, band=(1500, 1500))              # aspiration after a voiceless stop
+_BAR = (200, 800, 2200)                                    # formants of the voice bar of a voiced closure
+LETTERS = {
+    # vowels: voiced, formants of the cardinal vowels
+    "a": [_seg(80, 1.0, 0.03, (730, 1090, 2440))], "e": [_seg(75, 1.0, 0.03, (530, 1840, 2480))],
+    "i": [_seg(70, 1.0, 0.03, (300, 2250, 3000))], "o": [_seg(80, 1.0, 0.03, (570, 840, 2410))],
+    "u": [_seg(75, 1.0, 0.03, (320, 870, 2240))], "y": [_seg(65, 0.9, 0.03, (380, 1450, 2100))],
+    # sonorants: weaker voicing; nasals weaker still
+    "l": [_seg(60, 0.55, 0.0, (360, 1100, 2800))], "r": [_seg(60, 0.55, 0.0, (450, 1250, 1650))],
+    "w": [_seg(55, 0.55, 0.0, (300, 650, 2300))], "m": [_seg(65, 0.35, 0.0, (280, 950, 2300))],
+    "n": [_seg(65, 0.35, 0.0, (280, 1700, 2600))],
+    # fricatives: band noise, voiced ones with a weak buzz
+    "s": [_seg(85, 0.0, 0.55, band=(6000, 1200))], "z": [_seg(75, 0.3, 0.35, (250, 1500, 2500), (6000, 1200))],
+    "f": [_seg(80, 0.0, 0.22, band=(3500, 3500))], "v": [_seg(65, 0.35, 0.15, (250, 1200, 2400), (3500, 3500))],
+    "c": [_seg(85, 0.0, 0.45, band=(2800, 700))], "h": [_seg(55, 0.0, 0.25, band=(1600, 1800))],
+    "j": [_seg(35, 0.1, 0.0, _BAR), _seg(45, 0.35, 0.35, (250, 1800, 2600), (2800, 700))],
+    # stops: a closure (silent, or a voice bar), a burst whose band tells the place, aspiration if voiceless
+    "p": [_seg(40), _seg(15, 0.0, 0.5, band=(900, 700)), _ASP],
+    "b": [_seg(40, 0.12, 0.0, _BAR), _seg(15, 0.2, 0.35, (250, 900, 2200), (900, 700))],
+    "t": [_seg(40), _seg(15, 0.0, 0.6, band=(4500, 1200)), _ASP],
+    "d": [_seg(40, 0.12, 0.0, _BAR), _seg(15, 0.2, 0.4, (250, 1700, 2600), (4500, 1200))],
+    "k": [_seg(40), _seg(20, 0.0, 0.55, band=(2000, 500)), _ASP],
+    "g": [_seg(40, 0.12, 0.0, _BAR), _seg(20, 0.2, 0.4, (250, 1900, 2400), (2000, 500))],
+    "q": [_seg(40), _seg(20, 0.0, 0.5, band=(1700, 500)), _seg(45, 0.55, 0.0, (300, 650, 2300))],
+    "x": [_seg(30), _seg(15, 0.0, 0.5, band=(2000, 500)), _seg(60, 0.0, 0.5, band=(6000, 1200))],
+}
+FORMANT_GAIN = np.array([1.0, 0.5, 0.25])
+FORMANT_BW = np.array([90.0, 120.0, 180.0])
+
+
+@dataclass
+class Speaker:
+    """What makes one utterance sound unlike another of the same words."""
+    f0: float            # Hz, the speaker's mean pitch
+    vtl: float           # formant scale: < 1 a longer vocal tract (lower formants)
+    rate: float          # speaking-rate multiplier (durations are divided by it)
+    snr_db: float        # background noise level
+    gain: float          # peak amplitude of the clean speech
+    breath: float        # aspiration noise mixed into voicing
+
+    @classmethod
+    def draw(cls, rng) -> "Speaker":
+        f0 = float(np.exp(rng.uniform(np.log(85), np.log(250))))
+        vtl = float(0.88 + 0.25 * np.log(f0 / 85) / np.log(250 / 85) + rng.normal(0, 0.03))
+        return cls(f0=f0, vtl=vtl, rate=float(rng.uniform(0.85, 1.2)), snr_db=float(rng.uniform(15, 35)),
+                   gain=float(rng.uniform(0.25, 0.7)), breath=float(rng.uniform(0.0, 0.08)))
+
+
+def _plan(text: str, spk: Speaker, rng) -> list[tuple]:
+    """The segments of an utterance: (duration in seconds, voice, noise, formants, band, word loudness,
+    what it renders: (a letter, " " between words or "" for the silence before and after, its position
+    in the utterance)); the segments of one letter share the position."""
+    plan, lead = [], rng.uniform(0.1, 0.3)
+    plan.append((lead, 0.0, 0.0, (500, 1500, 2500), (1000, 1000), 1.0, ("", 0)))
+    for w, word in enumerate(text.split()):
+        if w:
+            plan.append((rng.uniform(0.03, 0.08) / spk.rate, 0.0, 0.0, (500, 1500, 2500), (1000, 1000), 1.0,
+                         (" ", len(plan))))
+        loud = rng.uniform(0.75, 1.25)
+        for i, ch in enumerate(word):
+            if i and ch == word[i - 1]:          # a doubled letter ("ll") is heard twice: a dip between the two
+                _, voice, noise, formants, band = LETTERS[ch][0]
+                plan.append((0.025 / spk.rate, voice * 0.1, noise * 0.1, formants, band, loud, ("", len(plan))))
+            pos = len(plan)
+            for ms, voice, noise, formants, band in LETTERS[ch]:
+                dur = ms / 1000 * rng.uniform(0.8, 1.2) / spk.rate
+                f = tuple(float(x) * spk.vtl * rng.uniform(0.95, 1.05) for x in formants)
+                b = (band[0] * spk.vtl * rng.uniform(0.95, 1.05), band[1])
+                plan.append((dur, voice, noise, f, b, loud, (ch, pos)))
+    plan.append((rng.uniform(0.1, 0.3), 0.0, 0.0, (500, 1500, 2500), (1000, 1000), 1.0, ("", len(plan))))
+    total = sum(p[0] for p in plan)
+    if total > MAX_SECONDS:                     # speak faster rather than overflow the window
+        plan = [(p[0] * MAX_SECONDS / total, *p[1:]) for p in plan]
+    return plan
+
+
+def _smooth(x: np.ndarray, width: int) -> np.ndarray:
+    """Moving average along the first axis (edges padded by repetition)."""
+    if width <= 1:
+        return x
+    pad = np.concatenate([np.repeat(x[:1], width // 2, 0), x, np.repeat(x[-1:], width - 1 - width // 2, 0)])
+    c = np.cumsum(np.concatenate([np.zeros_like(x[:1]), pad]), axis=0)
+    return (c[width:] - c[:-width]) / width
+
+
+def _stft_filter(sources: list[np.ndarray], envs: list[np.ndarray]) -> np.ndarray:
+    """Sum of sources (N,) each filtered by its time-varying magnitude response (N / hop, bins), row k
+    centred on sample k * hop: Hann frames -> rfft -> x envelope -> sum -> irfft -> Hann -> overlap-add."""
+    win = np.hanning(SYN_N_FFT + 1)[:-1]                                    # periodic Hann
+    k = SYN_N_FFT // SYN_HOP                                                # 4 hops per frame
+    n = len(sources[0])
+    n_frames = n // SYN_HOP + k - 1                                         # every sample under 4 frames
+    idx = np.arange(n_frames)[:, None] * SYN_HOP + np.arange(SYN_N_FFT)     # (frames, n_fft)
+    spec = 0
+    for src, env in zip(sources, envs):
+        # frame i spans src[(i - 3) * hop, (i + 1) * hop), centred on (i - 1) * hop: envelope row i - 1
+        env = np.concatenate([env[:1], env, np.repeat(env[-1:], n_frames - 1 - len(env), 0)])
+        padded = np.concatenate([np.zeros(SYN_N_FFT - SYN_HOP), src, np.zeros(SYN_N_FFT)])
+        spec = spec + np.fft.rfft(padded[idx] * win, axis=1) * env          # (frames, bins)
+    frames = (np.fft.irfft(spec, n=SYN_N_FFT, axis=1) * win).reshape(n_frames, k, SYN_HOP)
+    out = np.zeros((n_frames + k - 1, SYN_HOP))
+    for j in range(k):                                  # block j of frame i lands on output block i + j
+        out[j:j + n_frames] += frames[:, j]
+    # the squared periodic Hann windows of 4 overlapping frames sum to 1.5 everywhere
+    return out.reshape(-1)[SYN_N_FFT - SYN_HOP:SYN_N_FFT - SYN_HOP + n] / 1.5
+
+
+def synthesize(text: str, rng, speaker: Speaker | None = None, alignment: bool = False):
+    """English letters (a-z and spaces) -> a float32 waveform at 16 kHz, peak below 1.
+
+    alignment=True also returns what is heard when: a list of (letter, " " between words or "" for
+    silence, start s, end s), one entry per letter.
+    """
+    spk = speaker or Speaker.draw(rng)
+    plan = _plan(text, spk, rng)
+    # frame-level tracks: each segment covers the frames of its time span
+    bounds = np.round(np.cumsum([0.0] + [p[0] for p in plan]) * SAMPLE_RATE / SYN_HOP).astype(int)
+    n_frames = int(bounds[-1]) + 1
+    seg_of = np.searchsorted(bounds[1:], np.arange(n_frames), side="right").clip(max=len(plan) - 1)
+    voice = np.array([p[1] for p in plan])[seg_of]
+    noise = np.array([p[2] for p in plan])[seg_of]
+    loud = np.array([p[5] for p in plan])[seg_of]
+    formants = _smooth(np.array([p[3] for p in plan])[seg_of], 7)          # ~35 ms glides between phones
+    band = np.array([p[4] for p in plan])[seg_of]
+    voice, noise = _smooth(voice, 3), _smooth(noise, 3)                     # no clicks at segment edges
+    n = n_frames * SYN_HOP
+    t = np.arange(n_frames) / n_frames
+    # pitch: declination, a slow wobble, the speaker's mean
+    wobble = sum(rng.uniform(0.02, 0.06) * np.sin(2 * np.pi * (rng.uniform(0.5, 2.0) * t * n / SAMPLE_RATE
+                                                                   + rng.uniform())) for _ in range(2))
+    f0_frames = spk.f0 * (1.1 - 0.2 * t) * (1 + wobble)
+    f0 = np.interp(np.arange(n) / SYN_HOP, np.arange(n_frames), f0_frames)
+    phase = np.cumsum(f0 / SAMPLE_RATE)
+    pulses = 2 * (phase % 1.0) - 1                                          # sawtooth: all harmonics, 1/k
+    white = rng.standard_normal(n)
+    freqs = np.fft.rfftfreq(SYN_N_FFT, 1 / SAMPLE_RATE)                     # (bins,)
+    res = 0                                                                 # (frames, bins) formant peaks
+    for i in range(3):
+        d = (freqs - formants[:, i:i + 1]) / FORMANT_BW[i]
+        res = res + FORMANT_GAIN[i] / (1 + d * d)
+    env_voice = (voice * loud)[:, None] * res / (1 + freqs / 3000)          # (frames, bins)
+    env_noise = (noise * loud)[:, None] * np.exp(-0.5 * ((freqs - band[:, :1]) / band[:, 1:]) ** 2)
+    env_noise += (spk.breath * voice * loud)[:, None] * res                 # breathiness
+    wav = _stft_filter([pulses, white], [env_voice, env_noise])
+    wav *= spk.gain / (np.abs(wav).max() + 1e-9)
+    rms = np.sqrt(np.mean(wav ** 2))
+    wav += rng.standard_normal(n) * rms * 10 ** (-spk.snr_db / 20)
+    wav = np.clip(wav, -0.99, 0.99).astype(np.float32)
+    if not alignment:
+        return wav
+    ends = np.cumsum([p[0] for p in plan])
+    units: dict[int, list] = {}
+    for p, e in zip(plan, ends):
+        (ch, pos), start = p[6], float(e - p[0])
+        units.setdefault(pos, [ch, start, float(e)])[2] = float(e)
+    return wav, [tuple(u) for u in units.values()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Sounds for captioning
+# ----------------------------------------------------------------------------------------------------
+#
+# A clip is 1-3 events in sequence; its caption names them in order ("a rising chirp, then two clicks").
+# The event labels are also the classes the toy BEATs learns (multi-label, as on AudioSet).
+
+SOUND_LABELS = ["high tone", "low tone", "rising chirp", "falling chirp", "noise burst", "click", "beep",
+                "buzz", "speech"]
+PHRASES = {"high tone": "a high tone", "low tone": "a low tone", "rising chirp": "a rising chirp",
+           "falling chirp": "a falling chirp", "noise burst": "a burst of noise", "buzz": "a buzz",
+           "speech": "someone speaking"}
+COUNTED = {"click": ("a click", "two clicks", "three clicks"), "beep": ("a beep", "two beeps", "three beeps")}
+CONNECTIVES = {1: ["{}"], 2: ["{}, then {}", "{} followed by {}", "{} and then {}"],
+               3: ["{}, then {}, then {}", "{}, {} and then {}", "{} followed by {} and {}"]}
+
+
+def sound_events(rng) -> tuple[list[tuple[str, int]], str]:
+    """What a clip holds, [(label, count)], and its caption."""
+    n = int(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25]))
+    events = []
+    for _ in range(n):
+        label = SOUND_LABELS[int(rng.integers(len(SOUND_LABELS)))]
+        events.append((label, int(rng.integers(1, 4)) if label in COUNTED else 1))
+    phrases = [COUNTED[lab][c - 1] if lab in COUNTED else PHRASES[lab] for lab, c in events]
+    return events, _pick(rng, CONNECTIVES[n]).format(*phrases)
+
+
+def _event(rng, label: str, count: int) -> np.ndarray:
+    """One event's waveform (float64, peak about 1)."""
+    sr = SAMPLE_RATE
+    if label in ("high tone", "low tone"):
+        t = np.arange(int(rng.uniform(0.3, 0.8) * sr)) / sr
+        f = rng.uniform(800, 1500) if label == "high tone" else rng.uniform(150, 350)
+        return np.sin(2 * np.pi * f * t) * _fade(len(t))
+    if label in ("rising chirp", "falling chirp"):
+        dur = rng.uniform(0.3, 0.7)
+        t = np.arange(int(dur * sr)) / sr
+        lo, hi = rng.uniform(200, 500), rng.uniform(2000, 4000)
+        a, b = (lo, hi) if label == "rising chirp" else (hi, lo)
+        freq = a * (b / a) ** (t / dur)                                       # exponential sweep
+        return np.sin(2 * np.pi * np.cumsum(freq) / sr) * _fade(len(t))
+    if label == "noise burst":
+        n = int(rng.uniform(0.15, 0.5) * sr)
+        return rng.standard_normal(n).clip(-3, 3) / 3 * _fade(n)
+    if label == "buzz":
+        t = np.arange(int(rng.uniform(0.3, 0.6) * sr)) / sr
+        return np.sign(np.sin(2 * np.pi * rng.uniform(80, 150) * t)) * 0.5 * _fade(len(t))
+    if label == "speech":                                                     # a few spoken words
+        words = " ".join(sample_sentence(rng)[0].split()[:3])
+        return synthesize(words, rng).astype(np.float64) / 0.7
+    if label == "click":                                                      # 20 ms of decaying noise
+        n = int(0.02 * sr)
+        unit = rng.standard_normal(n).clip(-3, 3) / 2 * np.exp(-np.arange(n) / (0.004 * sr))
+    else:                                                                     # beep
+        t = np.arange(int(0.2 * sr)) / sr
+        unit = np.sin(2 * np.pi * rng.uniform(1800, 2500) * t) * _fade(len(t))
+    gap = np.zeros(int(rng.uniform(0.08, 0.2) * sr))
+    return np.concatenate([unit] + [np.concatenate([gap, unit]) for _ in range(count - 1)])
+
+
+def _fade(n: int, ms: float = 10.0) -> np.ndarray:
+    """Raised-cosine edges of `ms`, so that an event starts and stops without a click."""
+    k = min(int(ms / 1000 * SAMPLE_RATE), n // 2)
+    w = np.ones(n)
+    ramp = 0.5 - 0.5 * np.cos(np.pi * np.arange(k) / max(k, 1))
+    w[:k], w[n - k:] = ramp, ramp[::-1]
+    return w
+
+
+def sound_clip(rng) -> tuple[np.ndarray, str, list[str]]:
+    """A clip (float32, 16 kHz, <= MAX_SECONDS), its caption and the labels it holds."""
+    events, caption = sound_events(rng)
+    pieces = [np.zeros(int(rng.uniform(0.1, 0.4) * SAMPLE_RATE))]
+    for label, count in events:
+        pieces += [_event(rng, label, count) * rng.uniform(0.3, 0.8), np.zeros(int(rng.uniform(0.1, 0.4) * SAMPLE_RATE))]
+    wav = np.concatenate(pieces)[:int(MAX_SECONDS * SAMPLE_RATE)]
+    wav = wav + rng.standard_normal(len(wav)) * 10 ** (-rng.uniform(35, 50) / 20)   # a quiet room
+    return np.clip(wav, -0.99, 0.99).astype(np.float32), caption, sorted({lab for lab, _ in events})
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The world: sizes, splits, audio files, manifests
+# ----------------------------------------------------------------------------------------------------
+
+VERSION = 1          # bump when the world's content changes: a cached world of another version is rebuilt
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much of everything. Speech translation is scarce (st_train) next to the LLM's text (llm_*): the
+    premise of the paper, that bringing speech into the LLM's text space is what matters."""
+    asr_train: int = 2000          # stage 1: ASR
+    asr_valid: int = 200
+    aac_train: int = 1000          # stage 1: captioning
+    aac_valid: int = 100
+    asr_test_clean: int = 300      # LibriSpeech-test-clean-like: held-out sentences, quiet (stage 2)
+    st_train: int = 1000           # stage 3: speech translation
+    st_dev: int = 200
+    st_test: int = 300
+    mt_test: int = 500             # held-out text MT: the LLM's zero-shot translation
+    llm_mt: int = 40000            # the LLM's text: parallel pairs, English, Chinese (captions mixed in)
+    llm_en: int = 15000
+    llm_zh: int = 15000
+    llm_steps: int = 600           # of llm_rows x 128 packed tokens
+    llm_rows: int = 20
+    whisper_steps: int = 600       # of whisper_batch utterances
+    whisper_batch: int = 16
+    beats_steps: int = 400
+    beats_batch: int = 16
+
+
+SIZES = {
+    "full": Sizes(),
+    "quick": Sizes(asr_train=160, asr_valid=20, aac_train=80, aac_valid=20, asr_test_clean=40, st_train=80,
+                   st_dev=20, st_test=40, mt_test=50, llm_mt=3000, llm_en=1000, llm_zh=1000, llm_steps=60,
+                   whisper_steps=40, beats_steps=30),
+}
+# speech splits in the order their sentences are drawn (held-out first, all distinct): task, split seed code
+HELD_OUT = ["st_test", "st_dev", "mt_test", "asr_test_clean", "asr_valid"]
+SPLITS = {"asr_train": ("asr", 1), "asr_valid": ("asr", 2), "asr_test_clean": ("asr", 3), "st_train": ("st", 4),
+          "st_dev": ("st", 5), "st_test": ("st", 6), "aac_train": ("aac", 7), "aac_valid": ("aac", 8)}
+
+
+def draw_sentences(seed: int, sizes: Sizes) -> dict[str, list[tuple[str, str]]]:
+    """Every sentence of the world, by split. Held-out splits (tests, dev, valid) hold distinct sentences
+    that no training split and no LLM text contains; training splits may repeat a (short) sentence."""
+    rng = np.random.default_rng([seed, 0])
+    out, seen = {}, set()
+    for split in HELD_OUT:
+        pairs = []
+        while len(pairs) < getattr(sizes, split):
+            en, zh = sample_sentence(rng)
+            if en not in seen:
+                seen.add(en)
+                pairs.append((en, zh))
+        out[split] = pairs
+    for split in ("asr_train", "st_train", "llm_mt", "llm_en", "llm_zh"):
+        pairs = []
+        while len(pairs) < getattr(sizes, split):
+            en, zh = sample_sentence(rng)
+            if en not in seen:
+                pairs.append((en, zh))
+        out[split] = pairs
+    return out
+
+
+def _render(job: tuple) -> tuple[dict, dict]:
+    """Render one utterance or clip to FLAC; returns its manifest entry and its meta record.
+    A pure function of the job, so a process pool renders the same bytes in any order."""
+    import soundfile as sf
+    root, split, i, seed, text = job
+    task, code = SPLITS[split]
+    rng = np.random.default_rng([seed, code, i])
+    uid = f"{split}-{i:05d}"
+    rel = f"audio/{split}/{uid}.flac"
+    if task == "aac":
+        wav, caption, labels = sound_clip(rng)
+        entry = {"id": uid, "audio": rel, "task": "aac", "caption": caption}
+        meta = {"id": uid, "labels": labels}
+    else:
+        en, zh = text
+        spk = Speaker.draw(rng)
+        if split == "asr_test_clean":          # test-clean: quiet recordings
+            spk.snr_db = float(rng.uniform(30, 40))
+        wav, align = synthesize(en, rng, spk, alignment=True)
+        entry = {"id": uid, "audio": rel, "task": task, "lang": "en"}
+        entry.update({"tgt_lang": "zh", "transcript": en, "translation": zh} if task == "st" else {"transcript": en})
+        meta = {"id": uid, "speaker": {k: round(v, 4) for k, v in vars(spk).items()},
+                "letters": [[c, round(s, 4), round(e, 4)] for c, s, e in align]}
+    sf.write(str(Path(root) / rel), wav, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return entry, meta
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def write_world(out: Path, seed: int, sizes: Sizes, workers: int) -> dict:
+    """The text, audio, manifests and meta files of the world (no models). Returns the sentences."""
+    from tqdm import tqdm
+    sents = draw_sentences(seed, sizes)
+    (out / "text").mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "text" / "mt_train.jsonl", ({"en": e, "zh": z} for e, z in sents["llm_mt"]))
+    _write_jsonl(out / "text" / "mt_test.jsonl", ({"en": e, "zh": z} for e, z in sents["mt_test"]))
+    (out / "text" / "en.txt").write_text("".join(e + "\n" for e, _ in sents["llm_en"]), encoding="utf-8")
+    (out / "text" / "zh.txt").write_text("".join(z + "\n" for _, z in sents["llm_zh"]), encoding="utf-8")
+    jobs = []
+    for split, (task, _) in SPLITS.items():
+        (out / "audio" / split).mkdir(parents=True, exist_ok=True)
+        n = getattr(sizes, split)
+        jobs += [(str(out), split, i, seed, None if task == "aac" else sents[split][i]) for i in range(n)]
+    if workers > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(workers) as pool:
+            results = list(tqdm(pool.imap(_render, jobs, chunksize=8), total=len(jobs), desc="audio", unit="clip"))
+    else:
+        results = [_render(j) for j in tqdm(jobs, desc="audio", unit="clip")]
+    (out / "meta").mkdir(exist_ok=True)
+    k = 0
+    for split in SPLITS:
+        n = getattr(sizes, split)
+        _write_jsonl(out / f"{split}.jsonl", (r[0] for r in results[k:k + n]))
+        _write_jsonl(out / "meta" / f"{split}.jsonl", (r[1] for r in results[k:k + n]))
+        k += n
+    return sents
+
+
+def read_meta(out: Path, split: str) -> list[dict]:
+    with open(Path(out) / "meta" / f"{split}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. The base models: tokenizer and LLM
+# ----------------------------------------------------------------------------------------------------
+
+# Qwen2's pre-tokenizer split (tokenizer.json of Qwen/Qwen2-7B) and special tokens
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# a second chat task: repeating the English, so that the assistant can answer in English too (what a real
+# LLM does when asked to); not the ASR instructions of model.INSTRUCTIONS, which stage 1 teaches
+REPEAT_INSTRUCTIONS = ["Repeat this sentence.", "Say the same sentence again.", "Copy the text exactly.",
+                       "Write the sentence down in English."]
+
+
+def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer built like Qwen2's (NFC, Qwen2's split regex, ByteLevel), trained on
+    `texts`; the special tokens come after the learnt vocabulary, as in Qwen2. Writes tokenizer.json and
+    tokenizer_config.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "errors": "replace", "model_max_length": 512,
+        "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+
+
+def prompt_texts() -> list[str]:
+    """The fixed strings of the backbone's chat template and instructions (so BPE learns them too)."""
+    from model import INSTRUCTIONS, PROMPTS
+    before, after = PROMPTS["qwen2"].split("<SpeechHere>")
+    return [before, *(after.format(instruction=i) for v in INSTRUCTIONS.values() for i in v),
+            *(after.format(instruction=i) for i in REPEAT_INSTRUCTIONS)]
+
+
+@dataclass
+class LLMCorpus:
+    """The LLM's pretraining text: MT pairs, and monolingual English (with captions) and Chinese."""
+    mt: list[tuple[str, str]]
+    en: list[str]
+    zh: list[str]
+
+
+def llm_documents(corpus: LLMCorpus, prompter, tok, rng, n: int) -> list[list[int]]:
+    """`n` training documents (token ids, each ending with <|endoftext|>), drawn from the corpus:
+      35% en->zh translation in the chat template, the English where the speech goes (as in the text pass
+          of the joint stage): what zero-shot MT and the speech pass build on;
+       5% "repeat this sentence" (REPEAT_INSTRUCTIONS) in the template: the English back, in English;
+      30% parallel text, four "english = 中文" lines (four pairs for the price of one template);
+      15% English text, 15% Chinese text (four to seven sentences each)."""
+    from model import INSTRUCTIONS
+    eot = tok.token_id("<|endoftext|>")
+    docs = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.4:
+            en, zh = corpus.mt[int(rng.integers(len(corpus.mt)))]
+            instr, target = ((_pick(rng, INSTRUCTIONS["st_en_zh"]), zh) if r < 0.35
+                             else (_pick(rng, REPEAT_INSTRUCTIONS), en))
+            docs.append(prompter.build([instr], [tok.encode(en)], [target]).input_ids[0].tolist() + [eot])
+        elif r < 0.7:
+            pairs = [corpus.mt[int(i)] for i in rng.integers(len(corpus.mt), size=4)]
+            docs.append(tok.encode("\n".join(f"{en} = {zh}" for en, zh in pairs)) + [eot])
+        else:
+            pool, sep = (corpus.en, "\n") if r < 0.85 else (corpus.zh, "")
+            k = int(rng.integers(4, 8))
+            docs.append(tok.encode(sep.join(pool[int(i)] for i in rng.integers(len(pool), size=k))) + [eot])
+    return docs
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def packed_rows(corpus: LLMCorpus, tok, rng, rows: int, seq: int):
+    """An endless stream of (rows, seq) token batches: documents laid end to end and cut into rows, as
+    LLMs are pretrained (no padding; a document may continue on the next row)."""
+    import torch
+    from model import Prompter
+    prompter = Prompter(tok, "qwen2")
+    buf: list[int] = []
+    while True:
+        while len(buf) < rows * seq:
+            for d in llm_documents(corpus, prompter, tok, rng, 16):
+                buf += d
+        yield torch.tensor(buf[:rows * seq]).view(rows, seq)
+        buf = buf[rows * seq:]
+
+
+def pretrain_llm(llm, batches, steps: int, lr: float):
+    """Next-token prediction on packed rows of `packed_rows` (AdamW, warm-up + cosine)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+    decay = [p for n, p in llm.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in llm.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    llm.train()
+    bar = tqdm(range(steps), desc="LLM (text + MT)", unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr, max(1, steps // 20))
+        ids = next(batches)                                                   # (B, T)
+        logits = llm(ids).logits[:, :-1]                                      # (B, T-1, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    llm.eval()
+    return llm
+
+
+def translate(llm, tok, sources: list[str], batch: int = 64, num_beams: int = 1) -> list[str]:
+    """Zero-shot text translation: the English where the speech goes, the first ST instruction."""
+    import torch
+    from model import INSTRUCTIONS, Prompter
+    prompter = Prompter(tok, "qwen2")
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(sources), batch):
+            chunk = sources[i:i + batch]
+            b = prompter.build([INSTRUCTIONS["st_en_zh"][0]] * len(chunk), [tok.encode(s) for s in chunk],
+                               pad_left=True)
+            ids = llm.generate(b.input_ids, attention_mask=b.attention_mask, num_beams=num_beams,
+                               max_new_tokens=48, eos_token_id=prompter.stop_ids)
+            out += [tok.decode(r).strip() for r in ids]
+    return out
+
+
+
+
+TOKENIZER_VOCAB = 1024
+# the toy LLM: Qwen2's architecture (q/k/v biases, grouped-query attention, SwiGLU, untied head), tiny
+TOY_LLM = dict(hidden_size=96, intermediate_size=288, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=512)
+LLM_SEQ, LLM_LR = 128, 3e-3
+
+
+def llm_corpus(sents: dict, seed: int) -> LLMCorpus:
+    """The LLM's text: the parallel pairs, and English (one line in ten a sound caption) and Chinese."""
+    rng = np.random.default_rng([seed, 10])
+    captions = [sound_events(rng)[1] for _ in range(len(sents["llm_en"]) // 10)]
+    return LLMCorpus(mt=sents["llm_mt"], en=[e for e, _ in sents["llm_en"]] + captions,
+                     zh=[z for _, z in sents["llm_zh"]])
+
+
+def build_llm(corpus: LLMCorpus, out: Path, seed: int, sizes: Sizes):
+    """Train the tokenizer, pretrain the LLM, save both in Qwen2's layout. Returns (llm, tokenizer)."""
+    import torch
+    from model import LLM, LLMConfig, load_tokenizer
+    n = min(len(corpus.mt), 8000)
+    train_tokenizer([e for e, _ in corpus.mt[:n]] + [z for _, z in corpus.mt[:n]] + corpus.en[-n // 10:]
+                    + prompt_texts() * max(1, n // 10), out, TOKENIZER_VOCAB)
+    tok = load_tokenizer(out)
+    vocab = (tok.tok.get_vocab_size() + 63) // 64 * 64       # padded like Qwen2's (152064 = 64 x 2376)
+    torch.manual_seed(seed)
+    llm = LLM(LLMConfig(vocab_size=vocab, qkv_bias=True, family="qwen2", **TOY_LLM))
+    with torch.no_grad():       # HF's Qwen2 initialisation (initializer_range 0.02), not PyTorch's defaults
+        for name, p in llm.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif not name.endswith("norm.weight"):
+                p.normal_(0.0, 0.02)
+    rng = np.random.default_rng([seed, 11])
+    pretrain_llm(llm, packed_rows(corpus, tok, rng, sizes.llm_rows, LLM_SEQ), sizes.llm_steps, LLM_LR)
+    save_llm(llm, tok, out)
+    return llm, tok
+
+
+def save_llm(llm, tok, out: Path, n_shards: int = 2) -> None:
+    """Qwen2's public layout: config.json, model-0000N-of-0000M.safetensors + model.safetensors.index.json."""
+    from safetensors.torch import save_file
+    cfg = llm.config
+    sd = {k: v.detach().contiguous() for k, v in llm.state_dict().items()}
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    shards, size = [dict() for _ in range(n_shards)], 0
+    for k, t in sd.items():                                  # in order, split by size like HF's save_pretrained
+        shards[min(n_shards - 1, int(size * n_shards // total))][k] = t
+        size += t.numel() * t.element_size()
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    eos = tok.token_id("<|endoftext|>")
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": False, "use_sliding_window": False,
+        "sliding_window": None, "max_window_layers": cfg.num_hidden_layers, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "use_cache": True, "bos_token_id": eos, "eos_token_id": eos,
+        "torch_dtype": "float32"}, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The base models: Whisper encoder (CTC on letters) and BEATs (sound events)
+# ----------------------------------------------------------------------------------------------------
+
+# Whisper's architecture at a 6-s window: 600 mel frames in, 300 frames out at 50 Hz
+TOY_WHISPER = dict(d_model=64, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=256, num_mel_bins=80,
+                   max_source_positions=300)
+WHISPER_LR = 3e-3
+# the official BEATs cfg fields, iter3+'s structure (deep norm, gated relative bias), tiny
+TOY_BEATS = dict(input_patch_size=16, embed_dim=64, conv_bias=False, encoder_layers=2, encoder_embed_dim=64,
+                 encoder_ffn_embed_dim=128, encoder_attention_heads=4, activation_fn="gelu",
+                 layer_wise_gradient_decay_ratio=1.0, layer_norm_first=False, deep_norm=True, dropout=0.0,
+                 attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0, dropout_input=0.0,
+                 conv_pos=16, conv_pos_groups=4, relative_position_embedding=True, num_buckets=64,
+                 max_distance=256, gru_rel_pos=True, finetuned_model=True, predictor_dropout=0.0,
+                 predictor_class=len(SOUND_LABELS))
+BEATS_LR = 3e-3
+CTC_ALPHABET = "_ abcdefghijklmnopqrstuvwxyz"     # index 0 is CTC's blank
+WHISPER_FRAME_S = 0.02                            # the encoder's output rate: 50 frames per second
+
+
+def ctc_path(letters: list, n_out: int):
+    """The synthesizer's alignment -> a CTC path of n_out labels at 50 Hz: each frame the letter (or space)
+    heard at its centre, blank in silence, and a blank on the first frame of a letter that repeats the
+    previous one ("ll"), so that collapsing the path gives back the text. Training on it is CTC trained on
+    a known alignment (Viterbi training), which converges far faster than CTC's sum over all paths."""
+    import torch
+    path = torch.zeros(n_out, dtype=torch.long)
+    prev = None
+    for ch, start, end in letters:
+        a, b = int(round(start / WHISPER_FRAME_S)), min(n_out, int(round(end / WHISPER_FRAME_S)))
+        if not ch or b <= a:
+            continue
+        path[a:b] = CTC_ALPHABET.index(ch)
+        if ch == prev:
+            path[a] = 0
+        prev = ch
+    return path
+
+
+def ctc_decode(logits) -> list[str]:
+    """Greedy CTC: the best label per frame, repeats merged, blanks dropped."""
+    out = []
+    for row in logits.argmax(-1).tolist():
+        chars, prev = [], 0
+        for k in row:
+            if k != prev and k != 0:
+                chars.append(CTC_ALPHABET[k])
+            prev = k
+        out.append(" ".join("".join(chars).split()))
+    return out
+
+
+class WhisperBatches:
+    """Batch i of the encoder's pretraining: utterances of the training splits (FLAC + their letters'
+    timing from meta/), each epoch in a seeded order; a map-style dataset of whole batches, so that a
+    DataLoader worker reads and computes log-mels while the main process trains."""
+
+    def __init__(self, items: list[tuple[str, list]], batch: int, seed: int, n_frames: int):
+        self.items, self.batch, self.seed, self.n_frames = items, batch, seed, n_frames
+
+    def __getitem__(self, i: int):
+        import torch
+        import data
+        per_epoch = len(self.items) // self.batch
+        epoch, k = divmod(i, per_epoch)
+        order = np.random.default_rng([self.seed, 20, epoch]).permutation(len(self.items))
+        chosen = [self.items[j] for j in order[k * self.batch:(k + 1) * self.batch]]
+        mel = data.log_mel_spectrogram([data.load_audio(p) for p, _ in chosen], n_frames=self.n_frames)
+        return mel, torch.stack([ctc_path(letters, self.n_frames // 2) for _, letters in chosen])
+
+
+class SoundBatches:
+    """Batch i of BEATs' pretraining: fresh clips, a pure function of (seed, i), 15% of them speech."""
+
+    def __init__(self, sentences: list[str], batch: int, seed: int):
+        self.sentences, self.batch, self.seed = sentences, batch, seed
+
+    def __getitem__(self, i: int):
+        import torch
+        import data
+        rng = np.random.default_rng([self.seed, 21, i])
+        clips = []
+        for _ in range(self.batch):
+            if rng.random() < 0.15:
+                clips.append((synthesize(self.sentences[int(rng.integers(len(self.sentences)))], rng), ["speech"]))
+            else:
+                wav, _, labels = sound_clip(rng)
+                clips.append((wav, labels))
+        wavs, mask = data.pad_batch([torch.from_numpy(w) for w, _ in clips])
+        labels = torch.tensor([[float(lab in c[1]) for lab in SOUND_LABELS] for c in clips])
+        return data.beats_fbank(wavs, mask), mask, labels
+
+
+def _loader(dataset, steps: int, workers: int):
+    """Batches 0..steps-1 of a map-style dataset of batches, prepared by `workers` processes."""
+    import torch
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(steps), num_workers=workers,
+                                            prefetch_factor=4 if workers else None))
+
+
+def _train(params, steps: int, lr: float, desc: str, loss_fn, batches):
+    """AdamW with warm-up and cosine decay over `steps` batches; loss_fn(batch) -> scalar loss."""
+    import torch
+    from tqdm import tqdm
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr, max(1, steps // 10))
+        loss = loss_fn(next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+def build_whisper(out: Path, world: Path, seed: int, sizes: Sizes, workers: int):
+    """Pretrain the Whisper-architecture encoder + a CTC head on the training splits' speech; save it in
+    HF's layout (config.json + model.safetensors with model.encoder.* keys; the head beside it)."""
+    import torch
+    import torch.nn.functional as F
+    from model import WhisperEncoder, WhisperEncoderConfig
+    torch.manual_seed(seed)
+    enc = WhisperEncoder(WhisperEncoderConfig(**TOY_WHISPER)).requires_grad_(True)   # built frozen
+    head = torch.nn.Linear(enc.config.d_model, len(CTC_ALPHABET))
+    items = []
+    for split in ("asr_train", "st_train"):
+        items += [(str(world / "audio" / split / f"{m['id']}.flac"), m["letters"]) for m in read_meta(world, split)]
+    data_ = WhisperBatches(items, min(sizes.whisper_batch, len(items)), seed, enc.config.n_frames)
+
+    def loss_fn(batch):
+        mel, path = batch
+        return F.cross_entropy(head(enc(mel)).flatten(0, 1), path.flatten())   # (B*T, C) vs (B*T,)
+
+    params = [p for n, p in enc.named_parameters() if n != "embed_positions.weight"] + list(head.parameters())
+    _train(params, sizes.whisper_steps, WHISPER_LR, "Whisper (CTC)", loss_fn, _loader(data_, sizes.whisper_steps, workers))
+    enc.freeze()
+    head.requires_grad_(False)
+    save_whisper(enc, head, out)
+    return enc, head
+
+
+def save_whisper(enc, head, out: Path) -> None:
+    from safetensors.torch import save_file
+    out.mkdir(parents=True, exist_ok=True)
+    c = enc.config
+    save_file({f"model.encoder.{k}": v.contiguous() for k, v in enc.state_dict().items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file({"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, str(out / "ctc_head.safetensors"),
+              metadata={"alphabet": CTC_ALPHABET})   # one key: safetensors orders several at random
+    # an HF WhisperConfig; the checkpoint holds the encoder only (the toy has no decoder: a WhisperModel
+    # built from it gets a random decoder, with transformers' warning about the missing keys)
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper", "d_model": c.d_model,
+        "encoder_layers": c.encoder_layers, "encoder_attention_heads": c.encoder_attention_heads,
+        "encoder_ffn_dim": c.encoder_ffn_dim, "decoder_layers": 1, "decoder_attention_heads": c.encoder_attention_heads,
+        "decoder_ffn_dim": c.encoder_ffn_dim, "num_mel_bins": c.num_mel_bins,
+        "max_source_positions": c.max_source_positions, "max_target_positions": 64, "vocab_size": 64,
+        "activation_function": "gelu", "scale_embedding": False, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2, "decoder_start_token_id": 3, "torch_dtype": "float32"}, indent=2) + "\n")
+
+
+def beats_logits(beats, head, fbank, mask):
+    """The fine-tuned BEATs' clip logits: the predictor on every token, averaged over the real tokens."""
+    x, pad = beats(fbank, mask)                                              # (B, T', C), (B, T')
+    logits = head(x)                                                         # (B, T', classes)
+    if pad is None:
+        return logits.mean(1)
+    keep = (~pad).unsqueeze(-1).to(logits.dtype)
+    return (logits * keep).sum(1) / keep.sum(1)
+
+
+def build_beats(path: Path, sentences: list[str], seed: int, sizes: Sizes, workers: int):
+    """Pretrain the BEATs-architecture encoder to recognise the toy sounds (multi-label, binary
+    cross-entropy per class, as BEATs is fine-tuned on AudioSet); save the official checkpoint file."""
+    import torch
+    import torch.nn.functional as F
+    from model import BEATs, BEATsConfig
+    torch.manual_seed(seed)
+    beats = BEATs(BEATsConfig.from_checkpoint_cfg(TOY_BEATS)).requires_grad_(True)   # built frozen
+    head = torch.nn.Linear(beats.config.encoder_embed_dim, len(SOUND_LABELS))      # the official `predictor`
+
+    def loss_fn(batch):
+        fbank, mask, labels = batch
+        return F.binary_cross_entropy_with_logits(beats_logits(beats, head, fbank, mask), labels)
+
+    data_ = SoundBatches(sentences, sizes.beats_batch, seed)
+    params = list(beats.parameters()) + list(head.parameters())
+    _train(params, sizes.beats_steps, BEATS_LR, "BEATs (sounds)", loss_fn, _loader(data_, sizes.beats_steps, workers))
+    beats.freeze()
+    head.requires_grad_(False)
+    save_beats(beats, head, path)
+    return beats, head
+
+
+def save_beats(beats, head, path: Path) -> None:
+    """The official layout {'cfg', 'model', 'label_dict'}: the positional conv weight-normalised
+    (weight = g * v / ||v||, the norm over dims 0 and 1 per kernel tap) and the classifier as predictor.*.
+    Storing v = weight and g = ||weight|| makes the loader's g / ||v|| exactly 1: it gets the weight back."""
+    import torch
+    sd = {k: v.detach().clone() for k, v in beats.state_dict().items()}
+    w = sd.pop("encoder.pos_conv.0.weight")                                 # (C, C/groups, K)
+    sd["encoder.pos_conv.0.weight_g"] = w.norm(dim=(0, 1), keepdim=True)     # (1, 1, K)
+    sd["encoder.pos_conv.0.weight_v"] = w
+    sd["predictor.weight"], sd["predictor.bias"] = head.weight.detach().clone(), head.bias.detach().clone()
+    torch.save({"cfg": dict(TOY_BEATS), "model": sd, "label_dict": dict(enumerate(SOUND_LABELS))}, str(path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Quality of the base models, the build, the command line
+# ----------------------------------------------------------------------------------------------------
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def eval_llm(llm, tok, pairs: list[tuple[str, str]]) -> dict:
+    """Zero-shot text MT on held-out pairs: greedy, BLEU with sacrebleu's zh tokenizer (as CoVoST 2 En-Zh)."""
+    import sacrebleu
+    hyps = translate(llm, tok, [e for e, _ in pairs])
+    bleu = sacrebleu.BLEU(tokenize="zh")
+    score = bleu.corpus_score(hyps, [[z for _, z in pairs]])
+    return {"mt_bleu": round(score.score, 2), "signature": str(bleu.get_signature()), "n": len(pairs),
+            "decoding": "greedy", "examples": [{"en": e, "ref": z, "hyp": h} for (e, z), h in list(zip(pairs, hyps))[:5]]}
+
+
+def eval_whisper(enc, head, world: Path, split: str = "asr_test_clean") -> dict:
+    """Greedy CTC decoding (no language model) of a manifest's speech: character and word error rates."""
+    import jiwer
+    import torch
+    import data
+    entries = _read_jsonl(world / f"{split}.jsonl")
+    refs, hyps = [e["transcript"] for e in entries], []
+    with torch.no_grad():
+        for i in range(0, len(entries), 32):
+            wavs = [data.load_audio(world / e["audio"]) for e in entries[i:i + 32]]
+            hyps += ctc_decode(head(enc(data.log_mel_spectrogram(wavs, n_frames=enc.config.n_frames))))
+    return {"cer": round(100 * jiwer.cer(refs, hyps), 2), "wer": round(100 * jiwer.wer(refs, hyps), 2),
+            "split": split, "n": len(refs), "decoding": "greedy CTC, no language model",
+            "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:5]]}
+
+
+def eval_beats(beats, head, world: Path, split: str = "aac_valid") -> dict:
+    """Sound-event recognition on a captioning split (threshold 0.5): clips with exactly the right set of
+    labels, and the accuracy of each label decision."""
+    import torch
+    import data
+    entries = _read_jsonl(world / f"{split}.jsonl")
+    truth = torch.tensor([[float(lab in m["labels"]) for lab in SOUND_LABELS] for m in read_meta(world, split)])
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(entries), 32):
+            wavs, mask = data.pad_batch([data.load_audio(world / e["audio"]) for e in entries[i:i + 32]])
+            preds.append(beats_logits(beats, head, data.beats_fbank(wavs, mask), mask) > 0)
+    pred = torch.cat(preds).float()
+    return {"exact_match": round(100 * (pred == truth).all(1).float().mean().item(), 2),
+            "label_accuracy": round(100 * (pred == truth).float().mean().item(), 2), "split": split,
+            "n": len(entries), "labels": SOUND_LABELS}
+
+
+PATHS = {"llm": "models/qwen2-toy", "whisper": "models/whisper-toy", "beats": "models/beats-toy.pt",
+         **{split: f"{split}.jsonl" for split in SPLITS}}
+
+
+def _params(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def build(out: str | os.PathLike, seed: int = 0, quick: bool = False, sizes: Sizes | None = None,
+          workers: int | None = None, force: bool = False) -> Path:
+    """Build the world in `out` (text, audio, manifests, pretrained base models, their quality), or return
+    at once if `out` already holds this world (world.json, written last, with the same seed and sizes)."""
+    import torch
+    out = Path(out)
+    sizes = sizes or SIZES["quick" if quick else "full"]
+    settings = {"version": VERSION, "seed": seed, "sizes": vars(sizes)}
+    info = out / "world.json"
+    if info.is_file() and not force:
+        old = json.loads(info.read_text())
+        if {k: old.get(k) for k in settings} == settings:
+            print(f"toy world (seed {seed}) already built in {out}")
+            return out
+        raise FileExistsError(f"{info}: {out} holds another toy world (seed {old.get('seed')}, version "
+                              f"{old.get('version')}, other sizes?); pass --force to rebuild it, or another --out")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    out.mkdir(parents=True, exist_ok=True)
+    info.unlink(missing_ok=True)
+    times, t0 = {}, time.time()
+
+    sents = write_world(out, seed, sizes, min(workers, 2))
+    times["world"] = time.time() - t0
+
+    t = time.time()
+    corpus = llm_corpus(sents, seed)
+    (out / PATHS["llm"]).mkdir(parents=True, exist_ok=True)
+    llm, tok = build_llm(corpus, out / PATHS["llm"], seed, sizes)
+    times["llm"] = time.time() - t
+
+    t = time.time()
+    enc, head = build_whisper(out / PATHS["whisper"], out, seed, sizes, 1 if workers > 1 else 0)
+    times["whisper"] = time.time() - t
+
+    t = time.time()
+    beats, predictor = build_beats(out / PATHS["beats"], corpus.en[:len(sents["llm_en"])], seed, sizes,
+                                   1 if workers > 1 else 0)
+    times["beats"] = time.time() - t
+
+    t = time.time()
+    quality = {"llm": eval_llm(llm, tok, sents["mt_test"]), "whisper": eval_whisper(enc, head, out),
+               "beats": eval_beats(beats, predictor, out)}
+    times["evaluation"] = time.time() - t
+    times = {k: round(v, 1) for k, v in times.items()}
+    times["total"] = round(time.time() - t0, 1)
+    models = {
+        "llm": {"path": PATHS["llm"], "config": {"vocab_size": llm.config.vocab_size, **TOY_LLM},
+                "parameters": _params(llm), "steps": sizes.llm_steps,
+                "tokens_per_step": sizes.llm_rows * LLM_SEQ, "peak_lr": LLM_LR, **quality["llm"]},
+        "whisper": {"path": PATHS["whisper"], "config": TOY_WHISPER, "n_frames": enc.config.n_frames,
+                    "parameters": enc.num_parameters(), "steps": sizes.whisper_steps, "batch": sizes.whisper_batch,
+                    "peak_lr": WHISPER_LR, **quality["whisper"]},
+        "beats": {"path": PATHS["beats"], "config": TOY_BEATS, "parameters": beats.num_parameters(),
+                  "steps": sizes.beats_steps, "batch": sizes.beats_batch, "peak_lr": BEATS_LR, **quality["beats"]},
+    }
+    command = f"python toy.py build --out {out} --seed {seed}" + (" --quick" if quick else "")
+    (out / "base_models.json").write_text(json.dumps({"command": command, "torch_threads": torch.get_num_threads(),
+                                                      "seconds": times, **models}, indent=2, ensure_ascii=False) + "\n")
+    counts = {split: getattr(sizes, split) for split in SPLITS}
+    info.write_text(json.dumps({**settings, "paths": PATHS, "n_frames": enc.config.n_frames, "counts": counts,
+                                "seconds": times}, indent=2) + "\n")
+    _report(out, models, times)
+    return out
+
+
+def _report(out: Path, models: dict, times: dict) -> None:
+    m = models
+    print(f"\ntoy world in {out} ({times['total']:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()
+                                                                        if k != "total") + ")")
+    print(f"  LLM      {m['llm']['parameters'] / 1e6:.2f} M params, {m['llm']['steps']} steps: text MT BLEU "
+          f"{m['llm']['mt_bleu']:.1f} ({m['llm']['n']} held-out sentences, greedy, {m['llm']['signature']})")
+    print(f"  Whisper  {m['whisper']['parameters'] / 1e6:.2f} M params, {m['whisper']['steps']} steps: CER "
+          f"{m['whisper']['cer']:.1f}%, WER {m['whisper']['wer']:.1f}% ({m['whisper']['split']}, greedy CTC, no LM)")
+    print(f"  BEATs    {m['beats']['parameters'] / 1e6:.2f} M params, {m['beats']['steps']} steps: "
+          f"{m['beats']['exact_match']:.1f}% of clips with exactly the right sounds, "
+          f"{m['beats']['label_accuracy']:.1f}% label accuracy ({m['beats']['split']})")
+    print(f"  written: {out / 'base_models.json'}, {out / 'world.json'}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="The toy world of AI-STA: build it (text, speech, sounds, "
+                                "manifests, pretrained base models), or print a few sentence pairs.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build the world into --out (cached: a second call returns at once)")
+    b.add_argument("--out", required=True, help="the world's folder")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quick", action="store_true", help="a small world and short pretraining (for CI)")
+    b.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: the encoders' data workers use the other core, and one thread "
+                        "makes the weights reproducible on a machine)")
+    b.add_argument("--force", action="store_true", help="rebuild even if --out holds a world")
+    s = sub.add_parser("sample", help="print sentence pairs of the two languages")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-n", type=int, default=10)
+    args = p.parse_args(argv)
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.cmd == "sample":
+        rng = np.random.default_rng([args.seed, 0])
+        for _ in range(args.n):
+            en, zh = sample_sentence(rng)
+            print(f"{en}\n    {zh}")
+        return
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} exists and is not a folder")
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    import torch
+    torch.set_num_threads(args.threads)
+    try:
+        build(args.out, seed=args.seed, quick=args.quick, force=args.force)
+    except FileExistsError as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()
