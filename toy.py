@@ -883,7 +883,8 @@ def save_llm(llm, tok, out: Path, n_shards: int = 2) -> None:
     """Qwen2's public layout: config.json, model-0000N-of-0000M.safetensors + model.safetensors.index.json."""
     from safetensors.torch import save_file
     cfg = llm.config
-    sd = {k: v.detach().contiguous() for k, v in llm.state_dict().items()}
+    sd = {k: v.detach().contiguous() for k, v in llm.state_dict().items()
+          if not (cfg.tie_word_embeddings and k == "lm_head.weight")}     # tied: HF saves the embedding only
     total = sum(t.numel() * t.element_size() for t in sd.values())
     shards, size = [dict() for _ in range(n_shards)], 0
     for k, t in sd.items():                                  # in order, split by size like HF's save_pretrained
@@ -903,7 +904,7 @@ def save_llm(llm, tok, out: Path, n_shards: int = 2) -> None:
         "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "tie_word_embeddings": False, "use_sliding_window": False,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_word_embeddings, "use_sliding_window": False,
         "sliding_window": None, "max_window_layers": cfg.num_hidden_layers, "attention_dropout": 0.0,
         "initializer_range": 0.02, "use_cache": True, "bos_token_id": eos, "eos_token_id": eos,
         "torch_dtype": "float32"}, indent=2) + "\n")
@@ -1048,7 +1049,7 @@ def build_whisper(out: Path, world: Path, seed: int, sizes: Sizes, workers: int)
 
     params = [p for n, p in enc.named_parameters() if n != "embed_positions.weight"] + list(head.parameters())
     _train(params, sizes.whisper_steps, WHISPER_LR, "Whisper (CTC)", loss_fn, _loader(data_, sizes.whisper_steps, workers))
-    enc.freeze()
+    enc.requires_grad_(False)
     head.requires_grad_(False)
     save_whisper(enc, head, out)
     return enc, head
@@ -1101,7 +1102,7 @@ def build_beats(path: Path, sentences: list[str], seed: int, sizes: Sizes, worke
     data_ = SoundBatches(sentences, sizes.beats_batch, seed)
     params = list(beats.parameters()) + list(head.parameters())
     _train(params, sizes.beats_steps, BEATS_LR, "BEATs (sounds)", loss_fn, _loader(data_, sizes.beats_steps, workers))
-    beats.freeze()
+    beats.requires_grad_(False)
     head.requires_grad_(False)
     save_beats(beats, head, path)
     return beats, head
@@ -1260,6 +1261,199 @@ def _report(out: Path, models: dict, times: dict) -> None:
     print(f"  written: {out / 'base_models.json'}, {out / 'world.json'}")
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# 8. The method on the toy world: `python train.py --backbone toy`
+# ----------------------------------------------------------------------------------------------------
+#
+# The real scripts run unchanged (train.py, select_layers.py, evaluate.py, through their command lines);
+# only the sizes and rates below are the toy's. What differs from the paper, and why:
+#   - the Q-Former is 2 layers of width 128 (not BERT-base's 768) and the windows, LoRA and α are the paper's;
+#   - learning rates are 100x the paper's, step counts a hundredth: a 0.6 M-parameter LLM, minutes of CPU;
+#   - decoding is greedy (the paper's beam 4 changes little on a 300-sentence toy test set and costs 4x).
+
+TOY_QFORMER = "hidden=128,n_head=4,ffn=512"
+# (stage, flags) at full size; QUICK_STEPS scales the steps for --quick
+STAGE_FLAGS = {
+    "pretrain": ["--global-batch", "16", "--micro-batch", "16", "--lr", "3e-3", "--min-lr", "3e-4",
+                 "--warmup-lr", "1e-5"],
+    "joint": ["--global-batch", "16", "--micro-batch", "16", "--lr", "1e-3", "--min-lr", "1e-4",
+              "--warmup-lr", "1e-5"],
+}
+STAGE_STEPS = {"pretrain": dict(steps=500, warmup=50, eval_every=100),
+               "joint": dict(steps=300, warmup=30, eval_every=50)}
+QUICK_STEPS = {"pretrain": dict(steps=40, warmup=4, eval_every=20), "joint": dict(steps=20, warmup=2, eval_every=10)}
+SELECT_PAIRS = {"full": 300, "quick": 40}
+
+
+def _run_script(argv: list[str], log: Path | None = None, threads: int = 1):
+    """Run one of the project's scripts in a fresh Python (its own torch thread count); with `log`, in the
+    background, its output to that file. Returns the Popen (background) or waits and checks the exit."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, *argv]
+    here = Path(__file__).resolve().parent
+    if log is None:
+        done = subprocess.run(cmd, env=env, cwd=here)
+        if done.returncode:
+            raise SystemExit(f"toy: `{' '.join(argv)}` failed (exit {done.returncode})")
+        return None
+    return subprocess.Popen(cmd, env=env, cwd=here, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _wait(procs: dict, logs: dict) -> None:
+    for name, p in procs.items():
+        if p.wait():
+            tail = Path(logs[name]).read_text(errors="replace")[-2000:]
+            raise SystemExit(f"toy: the {name} run failed (exit {p.returncode}); the end of {logs[name]}:\n{tail}")
+
+
+def _train_argv(stage: str, world: Path, out: Path, quick: bool, seed: int, extra: list[str]) -> list[str]:
+    steps = (QUICK_STEPS if quick else STAGE_STEPS)[stage]
+    w = {k: str(world / v) for k, v in PATHS.items()}
+    data = (["--train", w["asr_train"], w["aac_train"], "--valid", w["asr_valid"], "--qformer", TOY_QFORMER]
+            if stage == "pretrain" else ["--train", w["st_train"], "--valid", w["st_dev"]])
+    return ["train.py", "--stage", stage, "--backbone", w["llm"], "--whisper", w["whisper"], "--beats", w["beats"],
+            *data, "--out", str(out), *STAGE_FLAGS[stage], "--steps", str(steps["steps"]),
+            "--warmup", str(steps["warmup"]), "--eval-every", str(steps["eval_every"]), "--patience", "0",
+            "--workers", "1", "--dtype", "fp32", "--seed", str(seed), *extra]
+
+
+def _evaluate_argv(ckpt: Path, manifest: Path, task: str, out: Path, extra: list[str] = ()) -> list[str]:
+    return ["evaluate.py", "--ckpt", str(ckpt), "--data", str(manifest), "--task", task, "--out", str(out),
+            "--greedy", "--batch-size", "32", "--workers", "1", "--max-new-tokens", "64", *extra]
+
+
+def _done(path: Path) -> bool:
+    return path.is_file()
+
+
+def run_method(out: str | os.PathLike, seed: int = 0, quick: bool = False, world: str | os.PathLike | None = None,
+               jobs: int = 2) -> dict:
+    """Every stage of AI-STA on the toy world, each cached in `out` (a second call resumes where the first
+    stopped): the world, stage 1, layer selection, stage 3 with AI-STA and with CE only, evaluation."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = Path(world) if world else out / "world"
+    times, t0 = {}, time.time()
+    print(f"[1/5] the toy world ({'quick' if quick else 'full'}, seed {seed}) in {world}", flush=True)
+    import torch
+    torch.set_num_threads(1)
+    build(world, seed=seed, quick=quick)
+    times["world"] = time.time() - t0
+
+    t = time.time()
+    s1 = out / "stage1"
+    if not _done(s1 / "summary.json"):
+        print("[2/5] stage 1: ASR + captioning, cross-entropy (train.py --stage pretrain)", flush=True)
+        _run_script(_train_argv("pretrain", world, s1, quick, seed, []), threads=jobs)
+    if not _done(out / "eval" / "stage1_asr" / "metrics.json"):
+        _run_script(_evaluate_argv(s1 / "best", world / PATHS["asr_test_clean"], "asr", out / "eval" / "stage1_asr"),
+                    threads=jobs)
+    times["stage1"] = time.time() - t
+
+    t = time.time()
+    layers = out / "layers"
+    if not _done(layers / "layer_selection.json"):
+        print("[3/5] stage 2: layer selection (select_layers.py)", flush=True)
+        _run_script(["select_layers.py", "--ckpt", str(s1 / "best"), "--data", str(world / PATHS["asr_test_clean"]),
+                     "--out", str(layers), "--num-pairs", str(SELECT_PAIRS["quick" if quick else "full"]),
+                     "--seed", str(seed)], threads=jobs)
+    times["stage2"] = time.time() - t
+
+    t = time.time()
+    runs = {"ce": ["--align", "none"], "ai-sta": ["--align", "ot", "--layers", str(layers / "layer_selection.json")]}
+    todo = {name: flags for name, flags in runs.items() if not _done(out / f"joint_{name}" / "summary.json")}
+    if todo:
+        print(f"[4/5] stage 3: speech translation, {' and '.join(todo)} side by side (train.py --stage joint; "
+              f"logs in {out}/joint_*.log)", flush=True)
+        logs = {name: out / f"joint_{name}.log" for name in todo}
+        procs = {}
+        for name, flags in todo.items():
+            argv = _train_argv("joint", world, out / f"joint_{name}", quick, seed,
+                               ["--init", str(s1 / "best"), *flags, "--no-progress"])
+            procs[name] = _run_script(argv, log=logs[name], threads=1)
+            if jobs < 2:
+                _wait({name: procs.pop(name)}, logs)
+        _wait(procs, logs)
+    times["stage3"] = time.time() - t
+
+    t = time.time()
+    print("[5/5] evaluation (evaluate.py): BLEU on st_test", flush=True)
+    metrics = {}
+    for name in runs:
+        dest = out / "eval" / f"st_{name}"
+        if not _done(dest / "metrics.json"):
+            _run_script(_evaluate_argv(out / f"joint_{name}" / "best", world / PATHS["st_test"], "st_en_zh", dest,
+                                       ["--align-layers", "0,1"]), threads=jobs)
+        metrics[name] = json.loads((dest / "metrics.json").read_text())
+    times["evaluation"] = time.time() - t
+    asr = json.loads((out / "eval" / "stage1_asr" / "metrics.json").read_text())
+    selection = json.loads((layers / "layer_selection.json").read_text())
+    result = {"seed": seed, "quick": quick, "world": str(world),
+              "stage1_asr_wer": round(100 * asr["wer"], 2), "selected_layers": selection["selected"], "threshold": selection["threshold"], "layers": selection["layers"],
+              "mrr": selection["mrr"],
+              "bleu": {name: m["bleu"] for name, m in metrics.items()},
+              "alignment_mean_log_w": {name: m["alignment"]["mean_log_w"] for name, m in metrics.items()},
+              "figures": {"figure4": str(layers / "layer_selection.png"),
+                          "loss_curves": [str(out / f"joint_{n}" / "loss_curves.png") for n in runs]},
+              "seconds": {k: round(v, 1) for k, v in times.items()}}
+    result["seconds"]["total"] = round(time.time() - t0, 1)
+    (out / "result.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    _print_table(result, out)
+    return result
+
+
+def _print_table(r: dict, out: Path) -> None:
+    print(f"\nAI-STA on the toy world (seed {r['seed']}{', quick' if r['quick'] else ''}; "
+          f"{r['seconds']['total'] / 60:.1f} min)")
+    print(f"  stage 1 ASR WER (asr_test_clean, greedy): {r['stage1_asr_wer']:.1f}%")
+    print(f"  stage 2 selected layers (MRR > {r['threshold']}): {r['selected_layers']}   "
+          "MRR by layer: " + " ".join(f"{m:.3f}" for m in r["mrr"]))
+    print("\n  Table 2 (toy): speech translation En->Zh, st_test, greedy, sacrebleu zh")
+    print("  | model                  | BLEU  |")
+    print("  |------------------------|-------|")
+    print(f"  | Base (CE only)         | {r['bleu']['ce']:5.1f} |")
+    print(f"  | AI-STA (OT at {','.join(map(str, r['selected_layers'])):<8})| {r['bleu']['ai-sta']:5.1f} |")
+    print(f"\n  figures: {r['figures']['figure4']}, " + ", ".join(r["figures"]["loss_curves"]))
+    print(f"  everything: {out / 'result.json'}")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="toy_run", help="where the world and every stage's output go (default toy_run; "
+                   "a second call resumes: finished stages are kept)")
+    p.add_argument("--seed", type=int, default=0, help="the world's and the training runs' seed")
+    p.add_argument("--quick", action="store_true", help="a small world and short stages (about 3 minutes; CI)")
+    p.add_argument("--world", help="use this world folder (default OUT/world; built there if missing)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes side by side for stage 3's two runs (default: 2 if the machine has 2 cores)")
+
+
+def run_from_args(args, p: argparse.ArgumentParser) -> dict:
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    for flag, value in (("--out", args.out), ("--world", args.world)):
+        if value and Path(value).exists() and not Path(value).is_dir():
+            p.error(f"{flag} {value} exists and is not a folder")
+    try:
+        return run_method(args.out, seed=args.seed, quick=args.quick, world=args.world, jobs=args.jobs)
+    except FileExistsError as e:
+        p.error(str(e))
+
+
+def train_main(argv: list[str]) -> dict:
+    """`python train.py --backbone toy [--quick] [--seed N] [--out DIR]`: the whole method on the toy world."""
+    p = argparse.ArgumentParser(prog="train.py --backbone toy",
+                                description="AI-STA end to end on the toy world: build it (cached), stage 1, layer "
+                                            "selection, stage 3 with AI-STA and CE only, evaluation.")
+    p.add_argument("--backbone", choices=["toy"], required=True)
+    add_run_arguments(p)
+    return run_from_args(p.parse_args(argv), p)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="The toy world of AI-STA: build it (text, speech, sounds, "
                                 "manifests, pretrained base models), or print a few sentence pairs.")
@@ -1272,6 +1466,8 @@ def main(argv=None) -> None:
                    help="torch threads (default 1: the encoders' data workers use the other core, and one thread "
                         "makes the weights reproducible on a machine)")
     b.add_argument("--force", action="store_true", help="rebuild even if --out holds a world")
+    r = sub.add_parser("run", help="every stage of AI-STA on the world (what `train.py --backbone toy` runs)")
+    add_run_arguments(r)
     s = sub.add_parser("sample", help="print sentence pairs of the two languages")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-n", type=int, default=10)
@@ -1286,6 +1482,9 @@ def main(argv=None) -> None:
         return
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} exists and is not a folder")
+    if args.cmd == "run":
+        run_from_args(args, p)
+        return
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     import torch

@@ -376,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stage", required=True, choices=list(STAGES),
                     help="pretrain: ASR + captioning with CE (§4.1); joint: CE + alignment, Eq. (6) (§4.3)")
     ap.add_argument("--backbone", required=True,
-                    help=f"{' | '.join(BACKBONES)} | an LLM directory holding config.json")
+                    help=f"{' | '.join(BACKBONES)} | an LLM directory holding config.json | toy (the whole "
+                         "method on the toy world: see `python train.py --backbone toy --help`)")
     ap.add_argument("--llm", help="LLM weights: a directory or a hub id found in the local Hugging Face cache "
                                   "(default: --init's recorded path, else the backbone's hub id)")
     ap.add_argument("--whisper", help=f"Whisper weights: directory or hub id (default: recorded, else {WHISPER_HUB})")
@@ -850,6 +851,11 @@ def valid_batches(args, ctx: Context):
 
 
 def main(argv=None) -> dict:
+    argv = [part for a in (sys.argv[1:] if argv is None else argv)
+            for part in (a.split("=", 1) if a.startswith("--backbone=") else [a])]
+    if any(a == "--backbone" and b == "toy" for a, b in zip(argv, argv[1:])):
+        import toy                                   # the whole method on the toy world (README, first command)
+        return toy.train_main(argv)
     args = build_parser().parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

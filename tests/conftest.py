@@ -22,6 +22,25 @@ import json
 
 import pytest
 
+
+# ---------------------------------------------------------------- slow tests (the toy chain): --slow runs them
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (minutes: the toy chain)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes long; skipped unless pytest is given --slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with `pytest tests/ --slow -m slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 # ---------------------------------------------------------------- tiny tokenizers in the real formats
 
 # Qwen2's pre-tokenizer split (tokenizer.json of Qwen/Qwen2-7B)

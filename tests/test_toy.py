@@ -200,3 +200,35 @@ def test_base_models_report(world):
     assert report["beats"]["n"] == MICRO.aac_valid
     info = json.loads((world / "world.json").read_text())
     assert info["seed"] == 0 and all((world / p).exists() for p in info["paths"].values())
+
+
+def test_train_py_dispatches_toy_and_checks_its_flags(capsys):
+    import train
+    with pytest.raises(SystemExit):
+        train.main(["--backbone=toy", "--seed", "-1"])
+    assert "--seed must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--backbone", "toy", "--jobs", "0"])
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_chain_end_to_end(tmp_path):
+    """`python train.py --backbone toy --quick`: the world, stage 1, layer selection, stage 3 with AI-STA and
+    CE only, evaluation, through the real scripts; a second call finds every stage done and only reprints."""
+    import time
+    import train
+    out = tmp_path / "run"
+    r = train.main(["--backbone", "toy", "--quick", "--out", str(out)])
+    assert r["layers"] == list(range(toy.TOY_LLM["num_hidden_layers"] + 1))
+    assert set(r["selected_layers"]) <= set(r["layers"]) and len(r["mrr"]) == len(r["layers"])
+    assert all(0 <= b <= 100 for b in r["bleu"].values()) and set(r["bleu"]) == {"ce", "ai-sta"}
+    assert r["stage1_asr_wer"] >= 0 and all(np.isfinite(v) for v in r["alignment_mean_log_w"].values())
+    for f in [r["figures"]["figure4"], *r["figures"]["loss_curves"], out / "result.json"]:
+        assert Path(f).is_file()
+    args = json.loads((out / "joint_ai-sta" / "args.json").read_text())
+    assert args["align"] == "ot" and args["layers"] == r["selected_layers"]
+    assert json.loads((out / "joint_ce" / "args.json").read_text())["align"] == "none"
+    t = time.time()
+    again = train.main(["--backbone", "toy", "--quick", "--out", str(out)])
+    assert time.time() - t < 10 and again["bleu"] == r["bleu"]
