@@ -12,7 +12,7 @@ Writes --clips clips of --seconds (speech-like noise) as 16 kHz flac (LibriSpeec
 - features on --device: Batch.to(device) for a micro-batch of 8 clips, ms (what the default costs the GPU);
 - segment:   a 10 s segment from the middle of a 10-minute opus file (GigaSpeech's format) by
              load_audio(path, start, end) against decoding the whole file and slicing it.
-The last line is `key=value` pairs. The clips/s a training step needs are estimated in the README (Speed).
+The last line is `key=value` pairs. Figures: BENCHMARKS.md.
 """
 import argparse
 import os
