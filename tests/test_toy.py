@@ -227,7 +227,7 @@ def test_quick_chain_end_to_end(tmp_path):
     for f in [r["figures"]["figure4"], *r["figures"]["loss_curves"], out / "result.json"]:
         assert Path(f).is_file()
     args = json.loads((out / "joint_ai-sta" / "args.json").read_text())
-    assert args["align"] == "ot" and args["layers"] == r["selected_layers"]
+    assert args["align"] == "ot" and args["layers"] == r["ai_sta_layers"] == (r["selected_layers"] or [0])
     assert json.loads((out / "joint_ce" / "args.json").read_text())["align"] == "none"
     t = time.time()
     again = train.main(["--backbone", "toy", "--quick", "--out", str(out)])
