@@ -1422,11 +1422,12 @@ def _print_table(r: dict, out: Path) -> None:
     print(f"  stage 2 selected layers (MRR > {r['threshold']}): {r['selected_layers']}   "
           "MRR by layer: " + " ".join(f"{m:.3f}" for m in r["mrr"]) + f" (chance {r['chance_mrr']:.3f})")
     print("\n  Table 2 (toy): speech translation En->Zh, st_test, greedy, sacrebleu zh")
-    print("  | model                  | BLEU  |")
-    print("  |------------------------|-------|")
-    print(f"  | Base (CE only)         | {r['bleu']['ce']:5.1f} |")
-    at = ",".join(map(str, r["ai_sta_layers"])) + ("" if r["selected_layers"] else ", none selected")
-    print(f"  | AI-STA (OT at {at})".ljust(26) + f"| {r['bleu']['ai-sta']:5.1f} |")
+    at = ",".join(map(str, r["ai_sta_layers"])) + ("" if r["selected_layers"] else "; none was selected")
+    rows = [("Base (CE only)", r["bleu"]["ce"]), (f"AI-STA (OT at layers {at})", r["bleu"]["ai-sta"])]
+    width = max(len(name) for name, _ in rows)
+    print(f"  | {'model':<{width}} | BLEU  |\n  |{'-' * (width + 2)}|-------|")
+    for name, bleu in rows:
+        print(f"  | {name:<{width}} | {bleu:5.1f} |")
     print(f"\n  figures: {r['figures']['figure4']}, " + ", ".join(r["figures"]["loss_curves"]))
     print(f"  everything: {out / 'result.json'}")
 
