@@ -306,19 +306,28 @@ def test_joint_run_overfits_and_writes_everything(reference, setup):
     assert state["step"] == 4 and state["best_step"] == best
 
 
+def _train_with_threads(threads, args):
+    torch.set_num_threads(threads)
+    train.main(args)
+
+
 def test_resume_after_kill_is_bitwise(reference, setup):
     ref_out, _ = reference
     out = setup["dir"] / "killed"
     args = argv(setup, out, *REFERENCE, "--valid", setup["valid"])
-    # a forked child: the same modules and single torch thread as this process, without re-importing them
-    proc = multiprocessing.get_context("fork").Process(target=train.main, args=(args,))
+    # a spawned child with this process's torch thread count (bitwise equality needs the same count). Not a
+    # forked one: a fork of a process whose OpenMP pool has run (OMP_NUM_THREADS=2) deadlocks in its first kernel.
+    proc = multiprocessing.get_context("spawn").Process(target=_train_with_threads,
+                                                        args=(torch.get_num_threads(), args))
     proc.start()
-    deadline = time.time() + 60
-    while not (out / "step_000002").is_dir():
-        assert proc.is_alive() and time.time() < deadline
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)                  # in the middle of step 3 (or of writing its checkpoint)
-    proc.join()
+    try:
+        deadline = time.time() + 60
+        while not (out / "step_000002").is_dir():
+            assert proc.is_alive() and time.time() < deadline
+            time.sleep(0.002)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)              # in the middle of step 3 (or of writing its checkpoint)
+        proc.join()
     assert proc.exitcode == -signal.SIGKILL and not (out / "step_000004").exists()
     train.main(args + ["--resume"])
     ref = [r for r in train.read_metrics(ref_out / "metrics.jsonl")]
@@ -332,10 +341,10 @@ def test_resume_after_kill_is_bitwise(reference, setup):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
 
-def _ddp_worker(rank, args, port):
+def _ddp_worker(rank, args, port, threads):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)        # the reference's count: the kernels then sum in the reference's order
     train.main(args)
 
 
@@ -346,8 +355,10 @@ def test_two_gloo_processes_equal_one_with_accumulation(reference, setup):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # micro-batch 2 x 2 processes x accumulation 1 = the reference's 2 x 1 x 2
-    torch.multiprocessing.start_processes(_ddp_worker, (argv(setup, out, *REFERENCE, "--valid", setup["valid"]), port),
-                                          nprocs=2, start_method="fork")     # forked: no re-import of torch
+    # spawned, not forked: a fork of a process whose OpenMP pool has run (OMP_NUM_THREADS=2) deadlocks
+    torch.multiprocessing.start_processes(
+        _ddp_worker, (argv(setup, out, *REFERENCE, "--valid", setup["valid"]), port, torch.get_num_threads()),
+        nprocs=2, start_method="spawn")
     a, b = trainable(ref_out / "step_000004"), trainable(out / "step_000004")
     # float32: the gradients are summed in another order (all-reduce vs accumulation), ~1e-7 relative
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
