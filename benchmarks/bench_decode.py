@@ -17,8 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_llm import hf_twin  # noqa: E402
-from model import LLM, LLMConfig  # noqa: E402
+from bench_llm import hf_twin, random_llm  # noqa: E402
 
 
 def timed_pair(fa, fb, device, repeats):
@@ -56,17 +55,7 @@ def main():
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
 
-    if args.preset:
-        cfg = LLMConfig.from_name(args.preset)
-    else:
-        cfg = LLMConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                        num_key_value_heads=args.hidden // 128, qkv_bias=True, rope_theta=1e6, family="qwen2")
-    with torch.device(device):
-        ours = LLM(cfg).to(dtype)
-    for p in ours.parameters():  # random weights with a spread, so that the beams do not tie
-        torch.nn.init.normal_(p, 0.0, 0.02) if p.ndim > 1 else torch.nn.init.ones_(p)
-    ours.eval()
+    cfg, ours = random_llm(args, device, dtype)     # random weights with a spread: the beams do not tie
     hf = hf_twin(cfg, device, dtype)
     hf.load_state_dict(ours.state_dict(), assign=True, strict=True)  # the same tensors: no second copy
     hf.eval()

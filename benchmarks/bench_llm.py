@@ -37,6 +37,22 @@ def hf_twin(cfg: LLMConfig, device, dtype):
     return hf
 
 
+def random_llm(args, device, dtype):
+    """The benchmarked LLM: --preset's config or a small Qwen2-style one (--layers, --hidden), random weights
+    with a spread so that decoding does not collapse to one token. Returns (config, model in eval mode)."""
+    if args.preset:
+        cfg = LLMConfig.from_name(args.preset)
+    else:
+        cfg = LLMConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                        num_key_value_heads=args.hidden // 128, qkv_bias=True, rope_theta=1e6, family="qwen2")
+    with torch.device(device):
+        ours = LLM(cfg).to(dtype)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.02) if p.ndim > 1 else torch.nn.init.ones_(p)
+    return cfg, ours.eval()
+
+
 def timed(fn, device, repeats):
     """Best wall time of `repeats` calls after one warm-up."""
     fn()
@@ -67,17 +83,7 @@ def main():
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
 
-    if args.preset:
-        cfg = LLMConfig.from_name(args.preset)
-    else:
-        cfg = LLMConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                        num_key_value_heads=args.hidden // 128, qkv_bias=True, rope_theta=1e6, family="qwen2")
-    with torch.device(device):
-        ours = LLM(cfg).to(dtype)
-    for p in ours.parameters():  # random weights with a spread, so decoding does not collapse to one token
-        torch.nn.init.normal_(p, 0.0, 0.02) if p.ndim > 1 else torch.nn.init.ones_(p)
-    ours.eval()
+    cfg, ours = random_llm(args, device, dtype)
     hf = hf_twin(cfg, device, dtype)
     hf.load_state_dict(ours.state_dict(), assign=True, strict=True)  # the same tensors: no second copy
     hf.eval()
