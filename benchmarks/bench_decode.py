@@ -10,29 +10,20 @@ The last line is `beam_ratio=<ours/HF time> greedy_ratio=<ours/HF time>` (lower 
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_llm import hf_twin, random_llm  # noqa: E402
+from bench_llm import hf_twin, random_llm, wall  # noqa: E402
 
 
 def timed_pair(fa, fb, device, repeats):
     """Best wall times of fa and fb, run alternately after one warm-up each: on a shared machine a load
     that comes and goes then falls on both alike."""
-    def once(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
     fa(), fb()
-    ta, tb = zip(*[(once(fa), once(fb)) for _ in range(repeats)])
+    ta, tb = zip(*[(wall(fa, device), wall(fb, device)) for _ in range(repeats)])
     return min(ta), min(tb)
 
 

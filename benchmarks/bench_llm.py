@@ -53,19 +53,21 @@ def random_llm(args, device, dtype):
     return cfg, ours.eval()
 
 
+def wall(fn, device) -> float:
+    """Seconds one call of fn takes, the GPU's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def timed(fn, device, repeats):
     """Best wall time of `repeats` calls after one warm-up."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return min(wall(fn, device) for _ in range(repeats))
 
 
 def main():
