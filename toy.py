@@ -1292,20 +1292,24 @@ QUICK_STEPS = {"pretrain": dict(steps=40, warmup=4, eval_every=20), "joint": dic
 SELECT_PAIRS = {"full": 300, "quick": 40}
 
 
-def _run_script(argv: list[str], log: Path | None = None, threads: int = 1):
-    """Run one of the project's scripts in a fresh Python (its own torch thread count); with `log`, in the
-    background, its output to that file. Returns the Popen (background) or waits and checks the exit."""
+def _start_script(argv: list[str], threads: int = 1, log: Path | None = None):
+    """One of the project's scripts in a fresh Python with its own torch thread count, its output to `log`
+    (default: this terminal). Returns the Popen."""
     import subprocess
     import sys
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, *argv]
-    here = Path(__file__).resolve().parent
     if log is None:
-        done = subprocess.run(cmd, env=env, cwd=here)
-        if done.returncode:
-            raise SystemExit(f"toy: `{' '.join(argv)}` failed (exit {done.returncode})")
-        return None
-    return subprocess.Popen(cmd, env=env, cwd=here, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, *argv], env=env, cwd=Path(__file__).resolve().parent)
+    with open(log, "w") as f:                     # the child holds its own copy of the descriptor
+        return subprocess.Popen([sys.executable, *argv], env=env, cwd=Path(__file__).resolve().parent,
+                                stdout=f, stderr=subprocess.STDOUT)
+
+
+def _run_script(argv: list[str], threads: int = 1) -> None:
+    """Run one of the project's scripts to the end; a failure stops the chain naming the command."""
+    p = _start_script(argv, threads)
+    if p.wait():
+        raise SystemExit(f"toy: `{' '.join(argv)}` failed (exit {p.returncode})")
 
 
 def _wait(procs: dict, logs: dict) -> None:
@@ -1384,7 +1388,7 @@ def run_method(out: str | os.PathLike, seed: int = 0, quick: bool = False, world
         for name, flags in todo.items():
             argv = _train_argv("joint", world, out / f"joint_{name}", quick, seed,
                                ["--init", str(s1 / "best"), *flags, "--no-progress"])
-            procs[name] = _run_script(argv, log=logs[name], threads=1)
+            procs[name] = _start_script(argv, log=logs[name])
             if jobs < 2:
                 _wait({name: procs.pop(name)}, logs)
         _wait(procs, logs)
