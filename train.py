@@ -391,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--qformer", metavar="FIELD=VALUE,...",
                     help="a fresh bridge's shape, QFormerConfig fields, e.g. hidden=128,n_head=4,ffn=512 (default: "
                          "SALMONN's BERT-base Q-Former; a run from --init takes the checkpoint's)")
+    ap.add_argument("--lora", metavar="FIELD=VALUE,...",
+                    help="a fresh model's LoRA: r, alpha, dropout, e.g. dropout=0 (default: SALMONN's r=8,alpha=32,"
+                         "dropout=0.1 on q_proj/v_proj; a run from --init takes the checkpoint's)")
     ap.add_argument("--layers", help="layers I of Eq. (6): select_layers.py's JSON, or a list like '0-1' or '0,5' "
                                      "(required with --align ot; 0 = the embeddings)")
     ap.add_argument("--align", choices=["ot", "ctc", "contrastive", "none"],
@@ -515,6 +518,26 @@ def parse_qformer(spec: str) -> dict:
     return out
 
 
+def parse_lora(spec: str) -> dict:
+    """--lora 'r=8,alpha=32,dropout=0' -> SpeechLLM.from_pretrained's lora_r, lora_alpha, lora_dropout."""
+    kinds = {"r": int, "alpha": float, "dropout": float}
+    out = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in kinds:
+            raise ArgumentError(f"--lora {spec}: unknown field {key!r} (known: r, alpha, dropout)")
+        try:
+            v = kinds[key](value)
+        except ValueError:
+            raise ArgumentError(f"--lora {spec}: {key}={value!r} is not {'an integer' if key == 'r' else 'a number'}") from None
+        if not (v >= 1 if key == "r" else v > 0 if key == "alpha" else 0 <= v < 1):
+            raise ArgumentError(f"--lora {spec}: {key}={value} is out of range "
+                                f"({'>= 1' if key == 'r' else '> 0' if key == 'alpha' else '0 <= dropout < 1'})")
+        out[f"lora_{key}"] = v
+    return out
+
+
 def check_args(args, world: int) -> argparse.Namespace:
     """Every argument and every manifest, checked before any model is loaded. Fills in the stage's defaults,
     the resolved paths (args.paths), the layers (list), args.accumulation, and the datasets.
@@ -562,6 +585,9 @@ def check_args(args, world: int) -> argparse.Namespace:
     args.qformer = parse_qformer(args.qformer) if args.qformer else {}
     if args.qformer and args.init:
         raise ArgumentError(f"--qformer: the bridge of --init {args.init} has its own shape; drop --qformer")
+    args.lora = parse_lora(args.lora) if args.lora else {}
+    if args.lora and args.init:
+        raise ArgumentError(f"--lora: the LoRA of --init {args.init} has its own settings; drop --lora")
     if args.patience and not args.valid:
         raise ArgumentError(f"--patience {args.patience} needs --valid (early stopping on validation accuracy); "
                             f"--patience 0 trains all --steps")
@@ -653,7 +679,7 @@ def check_transcripts(dataset, manifests: list[Path], align: str) -> None:
                                     f"--align {align} needs the transcript of every training utterance")
 
 
-RESUME_KEYS = ("stage", "backbone", "paths", "train", "train_sizes", "qformer", "layers", "align", "alpha", "global_batch",
+RESUME_KEYS = ("stage", "backbone", "paths", "train", "train_sizes", "qformer", "lora", "layers", "align", "alpha", "global_batch",
                "steps", "warmup", "lr", "warmup_lr", "min_lr", "weight_decay", "clip", "eval_every", "patience",
                "seed", "valid", "dtype")
 
@@ -816,10 +842,11 @@ def peak_memory_gib(device: torch.device) -> float:
 # 9. main: check -> load -> train -> summarise
 # ----------------------------------------------------------------------------------------------------
 
-def load_model(paths: dict, ckpt, dtype: torch.dtype, device: torch.device, qformer: dict | None = None):
+def load_model(paths: dict, ckpt, dtype: torch.dtype, device: torch.device, qformer: dict | None = None,
+               lora: dict | None = None):
     """The speech LLM from the base weights (+ the trainable weights of `ckpt`): frozen parts in `dtype`."""
     return SpeechLLM.from_pretrained(paths["llm"], paths["whisper"], paths["beats"], ckpt=ckpt, dtype=dtype,
-                                     device=device, qformer=qformer or None, verbose=False)
+                                     device=device, qformer=qformer or None, verbose=False, **(lora or {}))
 
 
 def compile_blocks(model) -> None:
@@ -883,7 +910,8 @@ def main(argv=None) -> dict:
 def build(args, ctx: Context):
     """The speech LLM (+ CTC head) on the device, and the trainable parameters with their names."""
     torch.manual_seed(args.seed)            # a fresh bridge / LoRA / CTC head starts the same on every process
-    model = load_model(args.paths, args.resume_from or args.init, ctx.dtype, ctx.device, args.qformer).train()
+    model = load_model(args.paths, args.resume_from or args.init, ctx.dtype, ctx.device, args.qformer,
+                       args.lora).train()
     ctc_head = None
     if args.align == "ctc":   # an independent layer: speech tokens -> the LLM's vocabulary + blank (Table 4)
         ctc_head = nn.Linear(model.config.llm.hidden_size, model.config.llm.vocab_size + 1, device=ctx.device)

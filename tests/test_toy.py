@@ -110,6 +110,48 @@ def test_ctc_path_spells_the_text():
     assert 0 <= len(wav) / toy.SAMPLE_RATE - letters[-1][2] < 0.0076
 
 
+def test_token_frames_spell_the_tokens(world):
+    """The LLM token under each frame: merging runs and dropping silence gives back the tokenization (no two
+    equal tokens follow each other in this sentence), at Whisper's 50 Hz and at BEATs' patch rate."""
+    text = "the old dog did not see a big cat"
+    _, letters = toy.synthesize(text, np.random.default_rng(5), alignment=True)
+    tok = load_tokenizer(world / toy.PATHS["llm"])
+    ids = tok.encode(text)
+    for n, frame_s in ((300, toy.WHISPER_FRAME_S), (37, 0.16)):
+        labels = toy.token_frames(tok.tok, letters, n, frame_s).tolist()
+        runs = [k - 1 for i, k in enumerate(labels) if k and (i == 0 or labels[i - 1] != k)]
+        assert runs == ids if frame_s < 0.1 else set(runs) <= set(ids) and len(runs) >= len(ids) // 2
+
+
+def test_llm_documents_by_kind(world):
+    """Each kind of pretraining document: its template and content (a random-word repeat copies words of the
+    corpus that form no sentence of it)."""
+    from model import INSTRUCTIONS, Prompter
+    tok = load_tokenizer(world / toy.PATHS["llm"])
+    corpus = toy.LLMCorpus(mt=[("the dog runs", "狗跑。"), ("a cat sleeps", "一只猫睡觉。")], en=["the dog runs"],
+                           zh=["狗跑。"])
+    assert corpus.words == ["a", "cat", "dog", "runs", "sleeps", "the"]
+    rng = np.random.default_rng(0)
+    docs = {k: toy.llm_documents(corpus, Prompter(tok, "qwen2"), tok, rng, 3, {k: 1.0})
+            for k in ("randrep", "repeat", "st", "lines")}
+    for kind, ds in docs.items():
+        for d in ds:
+            text = tok.tok.decode(d, skip_special_tokens=False)
+            assert text.endswith("<|endoftext|>")
+            if kind == "lines":
+                assert "the dog runs = 狗跑。" in text or "a cat sleeps = 一只猫睡觉。" in text
+                continue
+            user, answer = text.split("<|im_start|>assistant\n")
+            answer = answer.split("<|im_end|>")[0]
+            assert any(i in user for i in (toy.REPEAT_INSTRUCTIONS + INSTRUCTIONS["asr"] if kind != "st" else
+                                           INSTRUCTIONS["st_en_zh"]))
+            if kind == "st":
+                assert answer in ("狗跑。", "一只猫睡觉。")
+            else:
+                assert answer in user and set(answer.split()) <= set(corpus.words) and 3 <= len(answer.split()) <= 12 \
+                    if kind == "randrep" else answer in ("the dog runs", "a cat sleeps")
+
+
 def test_audio_is_what_the_manifests_say(world):
     for split, (task, _) in toy.SPLITS.items():
         entries, meta = toy._read_jsonl(world / f"{split}.jsonl"), toy.read_meta(world, split)
@@ -232,3 +274,22 @@ def test_quick_chain_end_to_end(tmp_path):
     t = time.time()
     again = train.main(["--backbone", "toy", "--quick", "--out", str(out)])
     assert time.time() - t < 10 and again["bleu"] == r["bleu"]
+
+
+def test_claims_summary_and_flags(tmp_path, capsys):
+    """claims.json's statistics: mean and sample standard deviation over seeds, the AI-STA gain per seed."""
+    seeds = [dict(seed=s, stage1_asr_wer=w, mrr=[0.5, m], selected_layers=[0], bleu={"ce": c, "ai-sta": a},
+                  mean_log_w={"ce": -1.0, "ai-sta": -2.0}, mt_bleu={"ce": 50.0, "ai-sta": 52.0},
+                  modality_gap={"base": 1.0, "AI-STA": 0.5}, minutes=14.0)
+             for s, w, m, c, a in ((0, 10.0, 0.1, 30.0, 31.0), (1, 12.0, 0.2, 32.0, 32.0), (2, 14.0, 0.3, 34.0, 36.0))]
+    r = toy.summarize_claims(seeds, {"pearson_r": -0.5})
+    assert r["stage1_asr_wer"] == {"mean": 12.0, "std": 2.0, "values": [10.0, 12.0, 14.0]}
+    assert r["mrr"][1]["mean"] == 0.2 and r["mrr"][0]["std"] == 0.0
+    assert r["bleu_gain_ai_sta"]["values"] == [1.0, 0.0, 2.0] and r["bleu_gain_ai_sta"]["mean"] == 1.0
+    assert r["mt_bleu"]["ai-sta"]["mean"] == 52.0 and r["figure6"] == {"pearson_r": -0.5}
+    for argv, msg in ((["claims", "--seeds", "0", "0"], "--seeds must be distinct"),
+                      (["claims", "--seeds", "-1"], "--seeds must be distinct and >= 0"),
+                      (["claims", "--jobs", "0"], "--jobs >= 1")):
+        with pytest.raises(SystemExit):
+            toy.main(argv + ["--out", str(tmp_path / "c")])
+        assert msg in capsys.readouterr().err

@@ -425,9 +425,12 @@ def test_nan_stops_naming_step_terms_and_ids(setup, monkeypatch):
 def test_stage1_from_scratch_builds_the_bridge_of_qformer(setup):
     out = setup["dir"] / "stage1_fresh"
     train.main(argv(setup, out, "--stage", "pretrain", "--init", "", "--qformer", "hidden=16,n_head=2,ffn=24",
-                    "--global-batch", "2", "--micro-batch", "2", "--steps", "1", "--warmup", "0"))
-    saved = SpeechLLM.saved_config(out / "step_000001").qformer
-    assert (saved.hidden, saved.n_head, saved.ffn, saved.llm_hidden) == (16, 2, 24, 32)
+                    "--lora", "r=4,dropout=0", "--global-batch", "2", "--micro-batch", "2", "--steps", "1",
+                    "--warmup", "0"))
+    saved = SpeechLLM.saved_config(out / "step_000001")
+    q = saved.qformer
+    assert (q.hidden, q.n_head, q.ffn, q.llm_hidden) == (16, 2, 24, 32)
+    assert (saved.lora_r, saved.lora_alpha, saved.lora_dropout) == (4, 32.0, 0.0)     # alpha: SALMONN's default
 
 
 def test_mixed_manifests_follow_their_weights(setup):
@@ -482,6 +485,10 @@ BAD = [
     (("--stage", "pretrain", "--init", "", "--qformer", "width=16"), r"--qformer width=16: unknown field 'width'"),
     (("--stage", "pretrain", "--init", "", "--qformer", "hidden=30,n_head=4"),
      r"--qformer hidden=30,n_head=4: .*hidden=30 is not a multiple of n_head=4"),
+    (("--layers", "0", "--lora", "dropout=0"), r"--lora: the LoRA of --init .*stage1 has its own settings"),
+    (("--stage", "pretrain", "--init", "", "--lora", "rank=4"), r"--lora rank=4: unknown field 'rank'"),
+    (("--stage", "pretrain", "--init", "", "--lora", "dropout=1"), r"--lora dropout=1: dropout=1 is out of range"),
+    (("--stage", "pretrain", "--init", "", "--lora", "r=2.5"), r"--lora r=2.5: r='2.5' is not an integer"),
     (("--layers", "0", "--backbone", "{other_llm}"), r"stage1 was trained on an LLM with hidden_size=32, but .* has "
                                                      r"hidden_size=64: another backbone"),
 ]
