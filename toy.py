@@ -1526,6 +1526,8 @@ def run_method(out: str | os.PathLike, seed: int = 0, quick: bool = False, world
                           "loss_curves": [str(out / f"joint_{n}" / "loss_curves.png") for n in runs]},
               "seconds": {k: round(v, 1) for k, v in times.items()}}
     result["seconds"]["total"] = round(time.time() - t0, 1)
+    if (out / "result.json").is_file():     # written last: every stage was done before this call; keep its times
+        result["seconds"] = json.loads((out / "result.json").read_text())["seconds"]
     (out / "result.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     _print_table(result, out)
     return result
@@ -1664,8 +1666,9 @@ def main(argv=None) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quick", action="store_true", help="a small world and short pretraining (for CI)")
     b.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: the encoders' data workers use the other core, and one thread "
-                        "makes the weights reproducible on a machine)")
+                   help="torch threads of the audio rendering and the final evaluation (default 1; the LLM and the "
+                        "encoders train on one thread each, side by side, which makes the weights reproducible on a "
+                        "machine)")
     b.add_argument("--force", action="store_true", help="rebuild even if --out holds a world")
     r = sub.add_parser("run", help="every stage of AI-STA on the world (what `train.py --backbone toy` runs)")
     add_run_arguments(r)

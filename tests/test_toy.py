@@ -273,7 +273,7 @@ def test_quick_chain_end_to_end(tmp_path):
     assert json.loads((out / "joint_ce" / "args.json").read_text())["align"] == "none"
     t = time.time()
     again = train.main(["--backbone", "toy", "--quick", "--out", str(out)])
-    assert time.time() - t < 10 and again["bleu"] == r["bleu"]
+    assert time.time() - t < 10 and again["bleu"] == r["bleu"] and again["seconds"] == r["seconds"]
 
 
 def test_claims_summary_and_flags(tmp_path, capsys):
