@@ -496,21 +496,28 @@ def parse_layer_spec(value: str, num_layers: int) -> list[int]:
         raise ArgumentError(str(e)) from None
 
 
-def parse_qformer(spec: str) -> dict:
-    """--qformer 'hidden=128,n_head=4,ffn=512' -> QFormerConfig overrides (its dims follow the encoders/LLM)."""
-    from qformer import QFormerConfig
-    fields = {k: f.type for k, f in QFormerConfig.__dataclass_fields__.items()
-              if k not in ("speech_dim", "audio_dim", "llm_hidden")}
+def parse_fields(flag: str, spec: str, kinds: dict) -> dict:
+    """'a=1,b=0.5' -> {a: 1, b: 0.5}, each value converted by kinds[field] (int or float)."""
     out = {}
     for item in spec.split(","):
         key, _, value = item.partition("=")
         key = key.strip()
-        if key not in fields:
-            raise ArgumentError(f"--qformer {spec}: unknown field {key!r} (known: {', '.join(fields)})")
+        if key not in kinds:
+            raise ArgumentError(f"{flag} {spec}: unknown field {key!r} (known: {', '.join(kinds)})")
         try:
-            out[key] = float(value) if fields[key] in (float, "float") else int(value)
+            out[key] = kinds[key](value)
         except ValueError:
-            raise ArgumentError(f"--qformer {spec}: {key}={value!r} is not a number") from None
+            raise ArgumentError(f"{flag} {spec}: {key}={value!r} is not "
+                                f"{'an integer' if kinds[key] is int else 'a number'}") from None
+    return out
+
+
+def parse_qformer(spec: str) -> dict:
+    """--qformer 'hidden=128,n_head=4,ffn=512' -> QFormerConfig overrides (its dims follow the encoders/LLM)."""
+    from qformer import QFormerConfig
+    kinds = {k: float if f.type in (float, "float") else int for k, f in QFormerConfig.__dataclass_fields__.items()
+             if k not in ("speech_dim", "audio_dim", "llm_hidden")}
+    out = parse_fields("--qformer", spec, kinds)
     try:
         QFormerConfig(**out)
     except ValueError as e:
@@ -520,22 +527,13 @@ def parse_qformer(spec: str) -> dict:
 
 def parse_lora(spec: str) -> dict:
     """--lora 'r=8,alpha=32,dropout=0' -> SpeechLLM.from_pretrained's lora_r, lora_alpha, lora_dropout."""
-    kinds = {"r": int, "alpha": float, "dropout": float}
-    out = {}
-    for item in spec.split(","):
-        key, _, value = item.partition("=")
-        key = key.strip()
-        if key not in kinds:
-            raise ArgumentError(f"--lora {spec}: unknown field {key!r} (known: r, alpha, dropout)")
-        try:
-            v = kinds[key](value)
-        except ValueError:
-            raise ArgumentError(f"--lora {spec}: {key}={value!r} is not {'an integer' if key == 'r' else 'a number'}") from None
-        if not (v >= 1 if key == "r" else v > 0 if key == "alpha" else 0 <= v < 1):
-            raise ArgumentError(f"--lora {spec}: {key}={value} is out of range "
-                                f"({'>= 1' if key == 'r' else '> 0' if key == 'alpha' else '0 <= dropout < 1'})")
-        out[f"lora_{key}"] = v
-    return out
+    out = parse_fields("--lora", spec, {"r": int, "alpha": float, "dropout": float})
+    ranges = {"r": (lambda v: v >= 1, ">= 1"), "alpha": (lambda v: v > 0, "> 0"),
+              "dropout": (lambda v: 0 <= v < 1, "0 <= dropout < 1")}
+    for key, v in out.items():
+        if not ranges[key][0](v):
+            raise ArgumentError(f"--lora {spec}: {key}={v:g} is out of range ({ranges[key][1]})")
+    return {f"lora_{k}": v for k, v in out.items()}
 
 
 def check_args(args, world: int) -> argparse.Namespace:
