@@ -958,7 +958,8 @@ TOY_BEATS = dict(input_patch_size=16, embed_dim=64, conv_bias=False, encoder_lay
                  max_distance=256, gru_rel_pos=True, finetuned_model=True, predictor_dropout=0.0,
                  predictor_class=len(SOUND_LABELS))
 BEATS_LR = 3e-3
-BEATS_PATCH_FRAMES, BEATS_PATCH_BANDS = 16, 8      # a patch: 16 fbank frames (0.16 s) x 16 of the 128 bins
+BEATS_PATCH_FRAMES, BEATS_PATCH_BANDS = 16, 8      # a patch: 16 fbank frames x 16 of the 128 bins
+BEATS_PATCH_S = BEATS_PATCH_FRAMES * 0.01          # fbank frames come every 10 ms: a patch is 0.16 s
 CTC_ALPHABET = "_ abcdefghijklmnopqrstuvwxyz"     # index 0 is CTC's blank
 WHISPER_FRAME_S = 0.02                            # the encoder's output rate: 50 frames per second
 
@@ -995,6 +996,24 @@ def ctc_decode(logits) -> list[str]:
     return out
 
 
+def _tokenizer(path: str):
+    """The LLM's `tokenizers.Tokenizer` at `path`, read once per process and file version (a rebuilt world
+    writes a new one at the same path)."""
+    return _read_tokenizer(path, os.stat(path).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_tokenizer(path: str, mtime_ns: int):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(path)
+
+
+def _speech_items(world: Path) -> list[tuple[str, list]]:
+    """The training splits' utterances (asr_train, st_train) as (FLAC path, the letters' timing from meta/)."""
+    return [(str(world / "audio" / split / f"{m['id']}.flac"), m["letters"])
+            for split in ("asr_train", "st_train") for m in read_meta(world, split)]
+
+
 def token_frames(tok, letters: list, n_out: int, frame_s: float):
     """The LLM token being spoken at the centre of each of n_out frames of frame_s seconds: its id + 1, or 0
     in silence. `tok` is the LLM's `tokenizers.Tokenizer`, `letters` the synthesizer's alignment. Frame
@@ -1021,9 +1040,8 @@ class WhisperBatches:
 
     def __getitem__(self, i: int):
         import torch
-        from tokenizers import Tokenizer
         import data
-        tok = Tokenizer.from_file(self.tokenizer)
+        tok = _tokenizer(self.tokenizer)
         per_epoch = len(self.items) // self.batch
         epoch, k = divmod(i, per_epoch)
         order = np.random.default_rng([self.seed, 20, epoch]).permutation(len(self.items))
@@ -1044,7 +1062,6 @@ class SoundBatches:
 
     def __getitem__(self, i: int):
         import torch
-        from tokenizers import Tokenizer
         import data
         rng = np.random.default_rng([self.seed, 21, i])
         clips = []
@@ -1056,12 +1073,12 @@ class SoundBatches:
                 clips.append((wav, labels))
         wavs, mask = data.pad_batch([torch.from_numpy(w) for w, _ in clips])
         labels = torch.tensor([[float(lab in c[1]) for lab in SOUND_LABELS] for c in clips])
-        tok = Tokenizer.from_file(self.tokenizer)
+        tok = _tokenizer(self.tokenizer)
         chosen = [self.speech[int(j)] for j in rng.integers(len(self.speech), size=max(1, self.batch // 2))]
         speech, speech_mask = data.pad_batch([data.load_audio(path) for path, _ in chosen])
         fbank = data.beats_fbank(speech, speech_mask)                          # (B, T, 128)
         n_patches = fbank.shape[1] // BEATS_PATCH_FRAMES
-        tokens = torch.stack([token_frames(tok, letters, n_patches, BEATS_PATCH_FRAMES * 0.01) for _, letters in chosen])
+        tokens = torch.stack([token_frames(tok, letters, n_patches, BEATS_PATCH_S) for _, letters in chosen])
         return (data.beats_fbank(wavs, mask), mask, labels), (fbank, speech_mask, tokens)
 
 
@@ -1096,14 +1113,12 @@ def build_whisper(out: Path, world: Path, seed: int, sizes: Sizes, workers: int,
     HF's layout (config.json + model.safetensors with model.encoder.* keys; the CTC head beside it)."""
     import torch
     import torch.nn.functional as F
-    from model import WhisperEncoder, WhisperEncoderConfig, load_tokenizer
+    from model import WhisperEncoder, WhisperEncoderConfig
     torch.manual_seed(seed)
     enc = WhisperEncoder(WhisperEncoderConfig(**TOY_WHISPER)).requires_grad_(True)   # built frozen
     head = torch.nn.Linear(enc.config.d_model, len(CTC_ALPHABET))
-    token_head = torch.nn.Linear(enc.config.d_model, load_tokenizer(tokenizer.parent).tok.get_vocab_size() + 1)
-    items = []
-    for split in ("asr_train", "st_train"):
-        items += [(str(world / "audio" / split / f"{m['id']}.flac"), m["letters"]) for m in read_meta(world, split)]
+    token_head = torch.nn.Linear(enc.config.d_model, _tokenizer(str(tokenizer)).get_vocab_size() + 1)
+    items = _speech_items(world)
     data_ = WhisperBatches(items, min(sizes.whisper_batch, len(items)), seed, enc.config.n_frames, str(tokenizer))
 
     def loss_fn(batch):
@@ -1161,14 +1176,11 @@ def build_beats(path: Path, world: Path, sentences: list[str], seed: int, sizes:
     toy's stage 1 stalls); save the official checkpoint file (with the sound classifier only)."""
     import torch
     import torch.nn.functional as F
-    from model import BEATs, BEATsConfig, load_tokenizer
+    from model import BEATs, BEATsConfig
     torch.manual_seed(seed)
     beats = BEATs(BEATsConfig.from_checkpoint_cfg(TOY_BEATS)).requires_grad_(True)   # built frozen
     head = torch.nn.Linear(beats.config.encoder_embed_dim, len(SOUND_LABELS))      # the official `predictor`
-    token_head = torch.nn.Linear(beats.config.encoder_embed_dim, load_tokenizer(tokenizer.parent).tok.get_vocab_size() + 1)
-    speech = []
-    for split in ("asr_train", "st_train"):
-        speech += [(str(world / "audio" / split / f"{m['id']}.flac"), m["letters"]) for m in read_meta(world, split)]
+    token_head = torch.nn.Linear(beats.config.encoder_embed_dim, _tokenizer(str(tokenizer)).get_vocab_size() + 1)
 
     def loss_fn(batch):
         (fbank, mask, labels), (speech_fbank, speech_mask, tokens) = batch
@@ -1179,7 +1191,7 @@ def build_beats(path: Path, world: Path, sentences: list[str], seed: int, sizes:
         return (F.binary_cross_entropy_with_logits(beats_logits(beats, head, fbank, mask), labels)
                 + F.cross_entropy(token_head(x).flatten(0, 1), target.flatten(), ignore_index=-100))
 
-    data_ = SoundBatches(sentences, sizes.beats_batch, seed, speech, str(tokenizer))
+    data_ = SoundBatches(sentences, sizes.beats_batch, seed, _speech_items(world), str(tokenizer))
     params = list(beats.parameters()) + list(head.parameters()) + list(token_head.parameters())
     _train(params, sizes.beats_steps, BEATS_LR, "BEATs (sounds, speech)", loss_fn,
            _loader(data_, sizes.beats_steps, workers))
@@ -1666,9 +1678,9 @@ def main(argv=None) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quick", action="store_true", help="a small world and short pretraining (for CI)")
     b.add_argument("--threads", type=int, default=1,
-                   help="torch threads of the audio rendering and the final evaluation (default 1; the LLM and the "
-                        "encoders train on one thread each, side by side, which makes the weights reproducible on a "
-                        "machine)")
+                   help="torch threads (default 1). With 2 or more cores the LLM and the encoders train side by "
+                        "side on one thread each whatever this says (which makes the weights reproducible on a "
+                        "machine); it sets the threads of the final evaluation, and of all training on one core")
     b.add_argument("--force", action="store_true", help="rebuild even if --out holds a world")
     r = sub.add_parser("run", help="every stage of AI-STA on the world (what `train.py --backbone toy` runs)")
     add_run_arguments(r)
