@@ -997,8 +997,9 @@ def train(args, ctx: Context) -> dict:
             else:
                 bad += 1
             log.log({"step": done, **v, "best_acc": best_acc, "bad_validations": bad})
-            bar.write(f"step {done}: valid loss {v['valid_loss']:.4f}, accuracy {v['valid_acc']:.4f} "
-                      f"(best {best_acc:.4f} at step {best_step})")
+            if ctx.is_main:                      # tqdm.write prints even where the bar is disabled
+                bar.write(f"step {done}: valid loss {v['valid_loss']:.4f}, accuracy {v['valid_acc']:.4f} "
+                          f"(best {best_acc:.4f} at step {best_step})")
             if args.patience and bad >= args.patience:
                 stopped = f"no better validation accuracy for {bad} validations"
         if ctx.is_main and (done % args.save_every == 0 or validating or done == args.steps or stopped):
