@@ -271,9 +271,26 @@ def test_quick_chain_end_to_end(tmp_path):
     args = json.loads((out / "joint_ai-sta" / "args.json").read_text())
     assert args["align"] == "ot" and args["layers"] == r["ai_sta_layers"] == (r["selected_layers"] or [0])
     assert json.loads((out / "joint_ce" / "args.json").read_text())["align"] == "none"
+    s1 = json.loads((out / "stage1" / "args.json").read_text())      # ASR drawn twice as often, a constant lr
+    assert s1["train"][0].endswith("asr_train.jsonl:2") and s1["min_lr"] == s1["lr"]
+    assert (out / "eval" / "stage1_asr.log").is_file() and (out / "eval" / "st_ce.log").is_file()
     t = time.time()
     again = train.main(["--backbone", "toy", "--quick", "--out", str(out)])
     assert time.time() - t < 10 and again["bleu"] == r["bleu"] and again["seconds"] == r["seconds"]
+
+
+def test_run_jobs_side_by_side_and_failures(tmp_path):
+    """_run_jobs: scripts side by side with the torch threads shared out, logs where asked; a failure stops
+    the chain naming the run, its exit code and the end of its log."""
+    threads = "import os; print('threads', os.environ['OMP_NUM_THREADS'])"
+    logs = {n: tmp_path / f"{n}.log" for n in ("a", "b", "c")}
+    toy._run_jobs({"a": (["-c", threads], logs["a"]), "b": (["-c", threads], logs["b"])}, jobs=2)
+    assert [logs[n].read_text() for n in "ab"] == ["threads 1\n"] * 2
+    toy._run_jobs({"c": (["-c", threads], logs["c"])}, jobs=2)        # alone, it gets both threads
+    assert logs["c"].read_text() == "threads 2\n"
+    bad = {"ok": (["-c", "pass"], None), "bad": (["-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "bad.log")}
+    with pytest.raises(SystemExit, match=r"(?s)the bad run failed \(exit 3\); the end of .*bad\.log:\nboom"):
+        toy._run_jobs(bad, jobs=2)
 
 
 def test_claims_summary_and_flags(tmp_path, capsys):
