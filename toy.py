@@ -1407,8 +1407,8 @@ STAGE_FLAGS = {
     "joint": ["--global-batch", "16", "--micro-batch", "16", "--lr", "1e-3", "--min-lr", "1e-4",
               "--warmup-lr", "1e-5"],
 }
-STAGE_STEPS = {"pretrain": dict(steps=1000, warmup=50, eval_every=200),
-               "joint": dict(steps=300, warmup=30, eval_every=50)}
+STAGE_STEPS = {"pretrain": dict(steps=1000, warmup=50, eval_every=500),
+               "joint": dict(steps=300, warmup=30, eval_every=100)}
 QUICK_STEPS = {"pretrain": dict(steps=40, warmup=4, eval_every=20), "joint": dict(steps=20, warmup=2, eval_every=10)}
 SELECT_PAIRS = {"full": 300, "quick": 40}
 
@@ -1433,26 +1433,44 @@ def _run_script(argv: list[str], threads: int = 1) -> None:
         raise SystemExit(f"toy: `{' '.join(argv)}` failed (exit {p.returncode})")
 
 
-def _wait(procs: dict, logs: dict) -> None:
-    for name, p in procs.items():
-        if p.wait():
-            if logs.get(name) is None:              # it wrote to this terminal
-                raise SystemExit(f"toy: the {name} run failed (exit {p.returncode})")
-            tail = Path(logs[name]).read_text(errors="replace")[-2000:]
-            raise SystemExit(f"toy: the {name} run failed (exit {p.returncode}); the end of {logs[name]}:\n{tail}")
+def _failed(label: str, code: int, log: Path | None) -> SystemExit:
+    if log is None:                                  # it wrote to this terminal
+        return SystemExit(f"toy: the {label} run failed (exit {code})")
+    tail = Path(log).read_text(errors="replace")[-2000:]
+    return SystemExit(f"toy: the {label} run failed (exit {code}); the end of {log}:\n{tail}")
 
 
-def _run_jobs(todo: dict, jobs: int) -> None:
-    """Scripts (name -> (argv, log file or None for this terminal)) run to the end, `jobs` side by side with
-    one torch thread each (fewer scripts than jobs share the threads); a failure stops the chain naming it."""
-    threads = max(1, jobs // max(1, min(jobs, len(todo))))
-    procs, logs = {}, {name: log for name, (_, log) in todo.items()}
-    for name, (argv, log) in todo.items():
-        if len(procs) >= max(1, jobs):                           # wait for the oldest before starting another
-            first = next(iter(procs))
-            _wait({first: procs.pop(first)}, logs)
-        procs[name] = _start_script(argv, threads, log)
-    _wait(procs, logs)
+def _run_chains(chains: dict, jobs: int) -> None:
+    """Chains of scripts, name -> [(label, argv, log file or None for this terminal), ...], each script started
+    when the one before it in its chain has finished; `jobs` chains side by side, in the order given, with one
+    torch thread each (fewer chains than jobs share the threads out). A failure stops every chain and names
+    the script, its exit code and the end of its log."""
+    import time as time_
+    threads = max(1, jobs // max(1, min(jobs, len(chains))))
+    waiting = [list(steps) for steps in chains.values() if steps]
+    running = []                                     # [Popen, label, log, the chain's remaining steps]
+    try:
+        while waiting or running:
+            while waiting and len(running) < max(1, jobs):
+                (label, argv, log), *rest = waiting.pop(0)
+                running.append([_start_script(argv, threads, log), label, log, rest])
+            time_.sleep(0.05)
+            for run in list(running):
+                p, label, log, rest = run
+                if p.poll() is None:
+                    continue
+                if p.returncode:
+                    raise _failed(label, p.returncode, log)
+                if rest:
+                    (label, argv, log), *rest = rest
+                    run[:] = [_start_script(argv, threads, log), label, log, rest]
+                else:
+                    running.remove(run)
+    finally:
+        for p, *_ in running:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
 
 
 def _train_argv(stage: str, world: Path, out: Path, quick: bool, seed: int, extra: list[str]) -> list[str]:
@@ -1472,31 +1490,29 @@ def _evaluate_argv(ckpt: Path, manifest: Path, task: str, out: Path, extra: list
             "--greedy", "--batch-size", "32", "--workers", "1", "--max-new-tokens", "64", *extra]
 
 
-def _stage3(out: Path, world: Path, init: Path, runs: dict, quick: bool, seed: int, jobs: int) -> None:
-    """Stage-3 runs (name -> train.py flags) from the stage-1 checkpoint `init`, `jobs` side by side, each in
-    out/joint_NAME (logs in out/joint_NAME.log); finished ones are skipped."""
-    todo = {name: flags for name, flags in runs.items() if not (out / f"joint_{name}" / "summary.json").is_file()}
-    if not todo:
-        return
-    print(f"[4/5] stage 3: speech translation, {', '.join(todo)} ({min(jobs, len(todo))} side by side; train.py "
-          f"--stage joint; logs in {out}/joint_*.log)", flush=True)
-    _run_jobs({name: (_train_argv("joint", world, out / f"joint_{name}", quick, seed,
-                                  ["--init", str(init), *flags, "--no-progress"]), out / f"joint_{name}.log")
-               for name, flags in todo.items()}, jobs)
-
-
-def _evaluate_runs(out: Path, world: Path, names: list[str], jobs: int, text_input: bool = False) -> dict:
-    """evaluate.py on st_test for the stage-3 runs out/joint_NAME (cached; `jobs` side by side, logs in
-    out/eval/): speech translation with the alignment degree at layers 0-1 (Figure 6), or with text_input
-    zero-shot MT of the transcripts (Table 5). Returns name -> metrics.json."""
-    kind = "mt" if text_input else "st"
-    dest = {name: out / "eval" / f"{kind}_{name}" for name in names}
+def _stage3_chains(out: Path, world: Path, init: Path, runs: dict, quick: bool, seed: int) -> dict:
+    """Per stage-3 run (name -> train.py flags, from the stage-1 checkpoint `init`): train it in out/joint_NAME
+    (log out/joint_NAME.log), then evaluate.py on st_test in out/eval/st_NAME (log beside it) with the
+    alignment degree at layers 0-1 (Figure 6). Finished steps are left out. Returns _run_chains' chains."""
+    chains = {}
+    for name, flags in runs.items():
+        steps = []
+        if not (out / f"joint_{name}" / "summary.json").is_file():
+            steps.append((f"{name} stage-3", _train_argv("joint", world, out / f"joint_{name}", quick, seed,
+                                                         ["--init", str(init), *flags, "--no-progress"]),
+                          out / f"joint_{name}.log"))
+        if not (out / "eval" / f"st_{name}" / "metrics.json").is_file():
+            steps.append((f"{name} evaluation", _evaluate_argv(out / f"joint_{name}" / "best",
+                          world / PATHS["st_test"], "st_en_zh", out / "eval" / f"st_{name}", ["--align-layers", "0,1"]),
+                          out / "eval" / f"st_{name}.log"))
+        chains[name] = steps
     (out / "eval").mkdir(parents=True, exist_ok=True)
-    _run_jobs({name: (_evaluate_argv(out / f"joint_{name}" / "best", world / PATHS["st_test"], "st_en_zh", dest[name],
-                                     ["--text-input"] if text_input else ["--align-layers", "0,1"]),
-                      out / "eval" / f"{kind}_{name}.log")
-               for name in names if not (dest[name] / "metrics.json").is_file()}, jobs)
-    return {name: json.loads((dest[name] / "metrics.json").read_text()) for name in names}
+    return chains
+
+
+def _metrics(out: Path, names, kind: str = "st") -> dict:
+    """name -> out/eval/{kind}_NAME/metrics.json"""
+    return {name: json.loads((out / "eval" / f"{kind}_{name}" / "metrics.json").read_text()) for name in names}
 
 
 def run_method(out: str | os.PathLike, seed: int = 0, quick: bool = False, world: str | os.PathLike | None = None,
@@ -1521,20 +1537,12 @@ def run_method(out: str | os.PathLike, seed: int = 0, quick: bool = False, world
     times["stage1"] = time.time() - t
 
     t = time.time()
-    layers, asr = out / "layers", out / "eval" / "stage1_asr"
-    todo = {}
-    if not (layers / "layer_selection.json").is_file():
-        todo["stage-2"] = (["select_layers.py", "--ckpt", str(s1 / "best"), "--data",
-                            str(world / PATHS["asr_test_clean"]), "--out", str(layers), "--num-pairs",
-                            str(SELECT_PAIRS["quick" if quick else "full"]), "--seed", str(seed)], None)
-    if not (asr / "metrics.json").is_file():
-        (out / "eval").mkdir(exist_ok=True)
-        todo["stage-1 ASR evaluation"] = (_evaluate_argv(s1 / "best", world / PATHS["asr_test_clean"], "asr", asr),
-                                          out / "eval" / "stage1_asr.log")
-    if todo:
-        print("[3/5] stage 2: layer selection (select_layers.py); beside it stage 1's ASR WER on asr_test_clean "
-              f"(evaluate.py, log in {out / 'eval' / 'stage1_asr.log'})", flush=True)
-        _run_jobs(todo, jobs)
+    layers = out / "layers"
+    if not (layers / "layer_selection.json").is_file():     # first and with every thread: AI-STA waits for it
+        print("[3/5] stage 2: layer selection (select_layers.py)", flush=True)
+        _run_script(["select_layers.py", "--ckpt", str(s1 / "best"), "--data", str(world / PATHS["asr_test_clean"]),
+                     "--out", str(layers), "--num-pairs", str(SELECT_PAIRS["quick" if quick else "full"]),
+                     "--seed", str(seed)], threads=jobs)
     times["stage2"] = time.time() - t
 
     selection = json.loads((layers / "layer_selection.json").read_text())
@@ -1546,14 +1554,21 @@ def run_method(out: str | os.PathLike, seed: int = 0, quick: bool = False, world
               flush=True)
 
     t = time.time()
-    runs = {"ce": ["--align", "none"], "ai-sta": ["--align", "ot", "--layers", ",".join(map(str, align_layers))]}
-    _stage3(out, world, s1 / "best", runs, quick, seed, jobs)
-    times["stage3"] = time.time() - t
+    runs = {"ai-sta": ["--align", "ot", "--layers", ",".join(map(str, align_layers))], "ce": ["--align", "none"]}
+    chains = _stage3_chains(out, world, s1 / "best", runs, quick, seed)
+    asr = out / "eval" / "stage1_asr"
+    if not (asr / "metrics.json").is_file():      # the CE-only run is the shorter: stage 1's WER goes beside it
+        chains["ce"].insert(-1 if chains["ce"] else 0, ("stage-1 ASR evaluation", _evaluate_argv(
+            s1 / "best", world / PATHS["asr_test_clean"], "asr", asr), out / "eval" / "stage1_asr.log"))
+    if any(chains.values()):
+        print(f"[4/5] stage 3: speech translation with AI-STA and with CE only, side by side (train.py --stage joint), "
+              f"then evaluate.py on st_test (BLEU) and on asr_test_clean (stage 1's WER); logs in {out}/joint_*.log "
+              f"and {out}/eval/*.log", flush=True)
+        _run_chains(chains, jobs)
+    times["stage3"] = time.time() - t      # with every evaluation, run beside it
 
-    t = time.time()
-    print("[5/5] evaluation (evaluate.py): BLEU on st_test", flush=True)
-    metrics = _evaluate_runs(out, world, list(runs), jobs)
-    times["evaluation"] = time.time() - t
+    print("[5/5] results", flush=True)
+    metrics = _metrics(out, ["ce", "ai-sta"])
     asr = json.loads((out / "eval" / "stage1_asr" / "metrics.json").read_text())
     result = {"seed": seed, "quick": quick, "world": str(world),
               "stage1_asr_wer": round(100 * asr["wer"], 2), "selected_layers": selection["selected"], "threshold": selection["threshold"], "layers": selection["layers"],
@@ -1562,7 +1577,7 @@ def run_method(out: str | os.PathLike, seed: int = 0, quick: bool = False, world
               "bleu": {name: m["bleu"] for name, m in metrics.items()},
               "alignment_mean_log_w": {name: m["alignment"]["mean_log_w"] for name, m in metrics.items()},
               "figures": {"figure4": str(layers / "layer_selection.png"),
-                          "loss_curves": [str(out / f"joint_{n}" / "loss_curves.png") for n in runs]},
+                          "loss_curves": [str(out / f"joint_{n}" / "loss_curves.png") for n in ("ce", "ai-sta")]},
               "seconds": {k: round(v, 1) for k, v in times.items()}}
     result["seconds"]["total"] = round(time.time() - t0, 1)
     if (out / "result.json").is_file():     # written last: every stage was done before this call; keep its times
@@ -1617,9 +1632,18 @@ def run_claims(out: str | os.PathLike, seeds: list[int], jobs: int = 2) -> dict:
         world = Path(r["world"])
         runs = {**CLAIM_RUNS, f"ai-sta-a{CLAIM_ALPHA}": ["--align", "ot", "--layers", ",".join(map(str, r["ai_sta_layers"])),
                                                        "--alpha", CLAIM_ALPHA]}
-        _stage3(d, world, d / "stage1" / "best", runs, False, seed, jobs)
-        metrics = _evaluate_runs(d, world, ["ce", "ai-sta", *runs], jobs)
-        mt = {name: m["bleu"] for name, m in _evaluate_runs(d, world, ["ce", "ai-sta"], jobs, text_input=True).items()}
+        chains = _stage3_chains(d, world, d / "stage1" / "best", runs, False, seed)
+        for name in ("ce", "ai-sta"):                 # Table 5: zero-shot MT, the transcript where the speech goes
+            if not (d / "eval" / f"mt_{name}" / "metrics.json").is_file():
+                chains[f"mt_{name}"] = [(f"{name} zero-shot MT evaluation", _evaluate_argv(
+                    d / f"joint_{name}" / "best", world / PATHS["st_test"], "st_en_zh", d / "eval" / f"mt_{name}",
+                    ["--text-input"]), d / "eval" / f"mt_{name}.log")]
+        if any(chains.values()):
+            print(f"claims, seed {seed}: {len(runs)} more stage-3 runs and their evaluations, {jobs} side by side "
+                  f"(logs in {d}/joint_*.log and {d}/eval/*.log)", flush=True)
+            _run_chains(chains, jobs)
+        metrics = _metrics(d, ["ce", "ai-sta", *runs])
+        mt = {name: m["bleu"] for name, m in _metrics(d, ["ce", "ai-sta"], "mt").items()}
         fig5 = d / "eval" / "figure5"
         if not (fig5 / "figure5.json").is_file():
             _run_script(["evaluate.py", "--figure5", "--data", str(world / PATHS["st_test"]), "--ckpt",

@@ -2,6 +2,7 @@
 models in their public layouts (loaded by our loaders and by transformers' where one exists)."""
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -279,18 +280,28 @@ def test_quick_chain_end_to_end(tmp_path):
     assert time.time() - t < 10 and again["bleu"] == r["bleu"] and again["seconds"] == r["seconds"]
 
 
-def test_run_jobs_side_by_side_and_failures(tmp_path):
-    """_run_jobs: scripts side by side with the torch threads shared out, logs where asked; a failure stops
-    the chain naming the run, its exit code and the end of its log."""
-    threads = "import os; print('threads', os.environ['OMP_NUM_THREADS'])"
-    logs = {n: tmp_path / f"{n}.log" for n in ("a", "b", "c")}
-    toy._run_jobs({"a": (["-c", threads], logs["a"]), "b": (["-c", threads], logs["b"])}, jobs=2)
-    assert [logs[n].read_text() for n in "ab"] == ["threads 1\n"] * 2
-    toy._run_jobs({"c": (["-c", threads], logs["c"])}, jobs=2)        # alone, it gets both threads
-    assert logs["c"].read_text() == "threads 2\n"
-    bad = {"ok": (["-c", "pass"], None), "bad": (["-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "bad.log")}
+def test_run_chains_side_by_side_in_order_and_failures(tmp_path):
+    """_run_chains: chains side by side with the torch threads shared out, each chain's scripts one after the
+    other, logs where asked; a failure stops every chain and names the script, its exit code and its log's end."""
+    show = "import os, sys; print(sys.argv[1], os.environ['OMP_NUM_THREADS'])"
+    log = lambda n: tmp_path / f"{n}.log"
+    step = lambda n, *code: (n, ["-c", ";".join([*code, show]), n], log(n))
+    toy._run_chains({"x": [step("a1", "import time; time.sleep(0.3)"),
+                           step("a2", f"assert open({str(log('b1'))!r}).read()")],   # b1 has finished by then
+                     "y": [step("b1")]}, jobs=2)
+    assert [log(n).read_text() for n in ("a1", "a2", "b1")] == ["a1 1\n", "a2 1\n", "b1 1\n"]
+    toy._run_chains({"z": [step("c")]}, jobs=2)                        # alone, it gets both threads
+    assert log("c").read_text() == "c 2\n"
+    toy._run_chains({"x": [step("d1")], "y": [step("d2", f"assert open({str(log('d1'))!r}).read()")]}, jobs=1)
+    assert log("d2").read_text() == "d2 1\n"                        # one at a time, in the order given
+    slow = ("slow", ["-c", f"import os, time; open({str(log('pid'))!r}, 'w').write(str(os.getpid())); time.sleep(30)"],
+            None)
+    bad = ("bad", ["-c", "import sys, time; time.sleep(0.5); print('boom'); sys.exit(3)"], log("bad"))
     with pytest.raises(SystemExit, match=r"(?s)the bad run failed \(exit 3\); the end of .*bad\.log:\nboom"):
-        toy._run_jobs(bad, jobs=2)
+        toy._run_chains({"s": [slow], "b": [bad, step("after")]}, jobs=2)
+    assert not log("after").exists()
+    with pytest.raises(ProcessLookupError):                           # the other chain was stopped
+        os.kill(int(log("pid").read_text()), 0)
 
 
 def test_claims_summary_and_flags(tmp_path, capsys):
