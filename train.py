@@ -103,8 +103,15 @@ def ot_losses(speech: dict[int, torch.Tensor], text: dict[int, torch.Tensor], sp
 
     speech[l] (B, n, H) with gradient; text[l] (B, m, H) from the no-grad text pass ("the gradients from text
     representations do not contribute"); masks (B, n), (B, m) True on real positions.
+
+    Every layer's pairs go to the solver as one batch of |I|·B pairs: it treats pairs independently (each leaves
+    the batch as it converges), so this equals one call per layer, in a |I|-th of the solver's steps.
     """
-    return {l: sinkhorn.ot_loss(speech[l], text[l], speech_mask, text_mask).mean() for l in speech}
+    layers = list(speech)
+    n_layers, batch = len(layers), speech_mask.shape[0]
+    w = sinkhorn.ot_loss(torch.cat([speech[l] for l in layers]), torch.cat([text[l] for l in layers]),
+                         speech_mask.repeat(n_layers, 1), text_mask.repeat(n_layers, 1))      # (|I|·B,)
+    return dict(zip(layers, w.view(n_layers, batch).mean(1)))
 
 
 def ctc_loss(head: nn.Linear, speech: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:

@@ -80,8 +80,10 @@ def test_ce_and_ot_equal_eq6_by_hand(tiny):
     w = {l: sinkhorn.ot_loss(hs[l], ht[l], smask, tmask).mean() for l in (0, 1)}
     alpha = 0.9
     loss, terms = train.compute_losses(tiny, batch, "ot", [0, 1], alpha)
-    torch.testing.assert_close(terms["w0"], w[0], rtol=1e-5, atol=0)
-    torch.testing.assert_close(terms["w1"], w[1], rtol=1e-5, atol=0)
+    # float32, and the solver refreshes its plan (an exp) when any pair of its batch has moved far enough: the
+    # layers solved together take other float32 paths to the same plan than one layer alone (~1e-5 apart)
+    torch.testing.assert_close(terms["w0"], w[0], rtol=1e-4, atol=0)
+    torch.testing.assert_close(terms["w1"], w[1], rtol=1e-4, atol=0)
     torch.testing.assert_close(loss, alpha * ce + (1 - alpha) / 2 * (w[0] + w[1]), rtol=1e-5, atol=0)   # Eq. (6)
     assert train.eq6_loss(ce, {}, alpha) is ce
 
@@ -152,6 +154,27 @@ def test_ot_gradient_reaches_only_the_bridge_and_the_lora_below_the_layer(tiny):
         # layer l's speech states depend on the LoRA of blocks below l only
         assert {int(n.split(".")[3]) for n in got if ".lora_" in n} == lora_blocks, got
     tiny.zero_grad(set_to_none=True)
+
+
+def test_ot_losses_of_all_layers_in_one_solve_equal_one_solve_per_layer():
+    """ot_losses solves every layer's pairs as one batch; per layer, loss and gradient equal ot_loss alone."""
+    import sinkhorn
+    g = torch.Generator().manual_seed(0)
+    B, n, m, H = 4, 9, 6, 16
+    speech = {l: (torch.randn(B, n, H, generator=g, dtype=torch.float64) * (l + 1)).requires_grad_() for l in (0, 2, 3)}
+    text = {l: torch.randn(B, m, H, generator=g, dtype=torch.float64) for l in speech}
+    s_mask = torch.arange(n) < torch.tensor([9, 7, 5, 9])[:, None]
+    t_mask = torch.arange(m) < torch.tensor([6, 3, 6, 4])[:, None]
+    got = train.ot_losses(speech, text, s_mask, t_mask)
+    assert list(got) == [0, 2, 3]
+    for l in speech:
+        want = sinkhorn.ot_loss(speech[l], text[l], s_mask, t_mask).mean()
+        # float64: the same plan by float paths that differ in when it is refreshed (see the test above)
+        torch.testing.assert_close(got[l], want, rtol=1e-12, atol=0)
+        g_got, = torch.autograd.grad(got[l], speech[l], retain_graph=True)
+        g_want, = torch.autograd.grad(want, speech[l])
+        torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-15)
+        assert g_got[~s_mask].abs().max() == 0
 
 
 def test_activation_estimate_matches_saved_tensors():
