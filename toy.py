@@ -1448,8 +1448,8 @@ def _run_chains(chains: dict, jobs: int) -> None:
     torch thread each (fewer chains than jobs share the threads out). A failure stops every chain and names
     the script, its exit code and the end of its log."""
     import time as time_
-    threads = max(1, jobs // max(1, min(jobs, len(chains))))
     waiting = [list(steps) for steps in chains.values() if steps]
+    threads = max(1, jobs // max(1, min(jobs, len(waiting))))
     running = []                                     # [Popen, label, log, the chain's remaining steps]
     try:
         while waiting or running:

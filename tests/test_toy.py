@@ -290,7 +290,7 @@ def test_run_chains_side_by_side_in_order_and_failures(tmp_path):
                            step("a2", f"assert open({str(log('b1'))!r}).read()")],   # b1 has finished by then
                      "y": [step("b1")]}, jobs=2)
     assert [log(n).read_text() for n in ("a1", "a2", "b1")] == ["a1 1\n", "a2 1\n", "b1 1\n"]
-    toy._run_chains({"z": [step("c")]}, jobs=2)                        # alone, it gets both threads
+    toy._run_chains({"z": [step("c")], "done": []}, jobs=2)           # alone, it gets both threads
     assert log("c").read_text() == "c 2\n"
     toy._run_chains({"x": [step("d1")], "y": [step("d2", f"assert open({str(log('d1'))!r}).read()")]}, jobs=1)
     assert log("d2").read_text() == "d2 1\n"                        # one at a time, in the order given
