@@ -1429,10 +1429,8 @@ def _start_script(argv: list[str], threads: int = 1, log: Path | None = None):
 
 
 def _run_script(argv: list[str], threads: int = 1) -> None:
-    """Run one of the project's scripts to the end; a failure stops the chain naming the command."""
-    p = _start_script(argv, threads)
-    if p.wait():
-        raise SystemExit(f"toy: `{' '.join(argv)}` failed (exit {p.returncode})")
+    """Run one of the project's scripts to the end in this terminal; a failure stops the chain naming it."""
+    _run_chains({argv[0]: [(f"`{' '.join(argv)}`", argv, None)]}, threads)
 
 
 def _failed(label: str, code: int, log: Path | None) -> SystemExit:
@@ -1447,7 +1445,6 @@ def _run_chains(chains: dict, jobs: int) -> None:
     when the one before it in its chain has finished; `jobs` chains side by side, in the order given, with one
     torch thread each (fewer chains than jobs share the threads out). A failure stops every chain and names
     the script, its exit code and the end of its log."""
-    import time as time_
     waiting = [list(steps) for steps in chains.values() if steps]
     threads = max(1, jobs // max(1, min(jobs, len(waiting))))
     running = []                                     # [Popen, label, log, the chain's remaining steps]
@@ -1456,7 +1453,7 @@ def _run_chains(chains: dict, jobs: int) -> None:
             while waiting and len(running) < max(1, jobs):
                 (label, argv, log), *rest = waiting.pop(0)
                 running.append([_start_script(argv, threads, log), label, log, rest])
-            time_.sleep(0.05)
+            time.sleep(0.05)
             for run in list(running):
                 p, label, log, rest = run
                 if p.poll() is None:
@@ -1492,6 +1489,17 @@ def _evaluate_argv(ckpt: Path, manifest: Path, task: str, out: Path, extra: list
             "--greedy", "--batch-size", "32", "--workers", "1", "--max-new-tokens", "64", *extra]
 
 
+def _st_test_step(out: Path, world: Path, name: str, text_input: bool = False) -> tuple:
+    """_run_chains' step: evaluate.py on st_test for the stage-3 run out/joint_NAME into out/eval/st_NAME,
+    with the alignment degree at layers 0-1 (Figure 6), or with text_input into out/eval/mt_NAME, the
+    transcript where the speech goes (zero-shot MT, Table 5)."""
+    kind = "mt" if text_input else "st"
+    return (f"{name} {'zero-shot MT ' if text_input else ''}evaluation",
+            _evaluate_argv(out / f"joint_{name}" / "best", world / PATHS["st_test"], "st_en_zh",
+                           out / "eval" / f"{kind}_{name}", ["--text-input"] if text_input else ["--align-layers", "0,1"]),
+            out / "eval" / f"{kind}_{name}.log")
+
+
 def _stage3_chains(out: Path, world: Path, init: Path, runs: dict, quick: bool, seed: int) -> dict:
     """Per stage-3 run (name -> train.py flags, from the stage-1 checkpoint `init`): train it in out/joint_NAME
     (log out/joint_NAME.log), then evaluate.py on st_test in out/eval/st_NAME (log beside it) with the
@@ -1504,9 +1512,7 @@ def _stage3_chains(out: Path, world: Path, init: Path, runs: dict, quick: bool, 
                                                          ["--init", str(init), *flags, "--no-progress"]),
                           out / f"joint_{name}.log"))
         if not (out / "eval" / f"st_{name}" / "metrics.json").is_file():
-            steps.append((f"{name} evaluation", _evaluate_argv(out / f"joint_{name}" / "best",
-                          world / PATHS["st_test"], "st_en_zh", out / "eval" / f"st_{name}", ["--align-layers", "0,1"]),
-                          out / "eval" / f"st_{name}.log"))
+            steps.append(_st_test_step(out, world, name))
         chains[name] = steps
     (out / "eval").mkdir(parents=True, exist_ok=True)
     return chains
@@ -1637,9 +1643,7 @@ def run_claims(out: str | os.PathLike, seeds: list[int], jobs: int = 2) -> dict:
         chains = _stage3_chains(d, world, d / "stage1" / "best", runs, False, seed)
         for name in ("ce", "ai-sta"):                 # Table 5: zero-shot MT, the transcript where the speech goes
             if not (d / "eval" / f"mt_{name}" / "metrics.json").is_file():
-                chains[f"mt_{name}"] = [(f"{name} zero-shot MT evaluation", _evaluate_argv(
-                    d / f"joint_{name}" / "best", world / PATHS["st_test"], "st_en_zh", d / "eval" / f"mt_{name}",
-                    ["--text-input"]), d / "eval" / f"mt_{name}.log")]
+                chains[f"mt_{name}"] = [_st_test_step(d, world, name, text_input=True)]
         if any(chains.values()):
             print(f"claims, seed {seed}: {len(runs)} more stage-3 runs and their evaluations, {jobs} side by side "
                   f"(logs in {d}/joint_*.log and {d}/eval/*.log)", flush=True)
