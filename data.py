@@ -767,10 +767,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def to(self, device: str | torch.device, non_blocking: bool = False) -> "Batch":
-        """The batch on `device`, with mel and fbank computed there if they are not yet."""
+    def to(self, device: str | torch.device, non_blocking: bool = False, features: bool = True) -> "Batch":
+        """The batch on `device`, with mel and fbank computed there if they are not yet (features=False: the
+        waveforms only, for a caller that computes or caches the features itself)."""
         wavs = self.wavs.to(device, non_blocking=non_blocking)
         mask = self.padding_mask.to(device, non_blocking=non_blocking)
+        if not features:
+            return replace(self, wavs=wavs, padding_mask=mask)
         mel = (self.mel.to(device, non_blocking=non_blocking) if self.mel is not None
                else log_mel_spectrogram(wavs, self.n_mels, padding_mask=mask, n_frames=self.n_frames))
         fbank = self.fbank.to(device, non_blocking=non_blocking) if self.fbank is not None else beats_fbank(wavs)

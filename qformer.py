@@ -179,6 +179,8 @@ class WindowQFormer(nn.Module):
     forward(whisper_out (B, T_w, speech_dim), beats_out (B, T_b, audio_dim) or None) -> (B, L*N, llm_hidden),
     with L = (max(T_w, T_b) - window) // stride + 1 (88 for Whisper's 1500 frames) and N = num_query;
     the tokens are ordered window by window. The computation runs in the dtype of the module's parameters.
+    audio_lengths (B,), optional: row b's BEATs frames from audio_lengths[b] on are treated as absent, zero
+    after the LayerNorm, as when that row's clip is alone in its batch (train.py --cache-encoders).
     """
 
     def __init__(self, cfg: QFormerConfig):
@@ -212,8 +214,10 @@ class WindowQFormer(nn.Module):
         """Number of LLM tokens for `num_frames` fused frames: 88 for Whisper's 1500 (any clip <= 30 s)."""
         return ((num_frames - self.cfg.window) // self.cfg.stride + 1) * self.cfg.num_query
 
-    def fuse(self, whisper_out: torch.Tensor, beats_out: torch.Tensor | None = None) -> torch.Tensor:
-        """LayerNorm each stream, zero-pad the shorter at its end, concatenate: (B, T, speech_dim + audio_dim)."""
+    def fuse(self, whisper_out: torch.Tensor, beats_out: torch.Tensor | None = None,
+             audio_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """LayerNorm each stream, zero-pad the shorter at its end, concatenate: (B, T, speech_dim + audio_dim).
+        With audio_lengths, each row's BEATs frames beyond its length are zero too."""
         cfg = self.cfg
         if whisper_out.ndim != 3 or whisper_out.shape[-1] != cfg.speech_dim:
             raise ValueError(f"whisper_out: expected (B, T, {cfg.speech_dim}), got {tuple(whisper_out.shape)}")
@@ -231,15 +235,21 @@ class WindowQFormer(nn.Module):
         if beats_out.shape[0] != whisper_out.shape[0]:
             raise ValueError(f"batch sizes differ: whisper_out {whisper_out.shape[0]}, beats_out {beats_out.shape[0]}")
         audio = self.ln_audio(beats_out.to(dtype))  # (B, T_b, 768)
+        if audio_lengths is not None:
+            if audio_lengths.shape != (audio.shape[0],):
+                raise ValueError(f"audio_lengths: expected ({audio.shape[0]},), got {tuple(audio_lengths.shape)}")
+            absent = torch.arange(audio.shape[1], device=audio.device) >= audio_lengths.to(audio.device)[:, None]
+            audio = audio.masked_fill(absent[..., None], 0.0)
         # pad after the LayerNorm, so padded frames are exact zeros (SALMONN's order)
         T = max(speech.shape[1], audio.shape[1])
         speech = F.pad(speech, (0, 0, 0, T - speech.shape[1]))  # (B, T, 1280)
         audio = F.pad(audio, (0, 0, 0, T - audio.shape[1]))  # (B, T, 768)
         return torch.cat([speech, audio], dim=-1)  # (B, T, 2048)
 
-    def forward(self, whisper_out: torch.Tensor, beats_out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, whisper_out: torch.Tensor, beats_out: torch.Tensor | None = None,
+                audio_lengths: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
-        x = self.fuse(whisper_out, beats_out)  # (B, T, 2048)
+        x = self.fuse(whisper_out, beats_out, audio_lengths)  # (B, T, 2048)
         B, T, C = x.shape
         windows = make_windows(x, cfg.window, cfg.stride)  # (B, L, 17, 2048)
         L = windows.shape[1]

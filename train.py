@@ -194,13 +194,62 @@ def micro_batch_seed(seed: int, step: int, k: int) -> int:
     return int.from_bytes(digest, "little") >> 1        # < 2**63: any torch.manual_seed accepts it
 
 
-def compute_losses(model, batch, align: str, layers: list[int], alpha: float,
-                   ctc_head: nn.Linear | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+class EncoderCache:
+    """--cache-encoders: the frozen encoders' outputs for each training utterance, computed once and kept on the
+    device, so that later epochs skip the features and both encoders (on the toy world's CPU run, 58% of a
+    stage-1 step). Each clip is encoded alone, as in a batch of one, whatever batch it comes in: Whisper's
+    output is the same either way (every clip is padded to its window), BEATs' is not. In a batch, BEATs runs
+    over the zero padding up to the longest clip and the bridge reads those padded frames (SALMONN's
+    behaviour, kept without the cache); with the cache, the bridge sees each clip's own frames and zeros
+    after them (WindowQFormer's audio_lengths), exactly what it sees at micro-batch 1 without the cache.
+    Memory: each utterance keeps (Whisper frames x width + BEATs tokens x width) values in the model's dtype:
+    about 4 MB for Whisper-large-v2 + BEATs in bf16, 0.15 MB on the toy world. Meant for small corpora."""
+
+    def __init__(self):
+        self.whisper: dict[str, torch.Tensor] = {}
+        self.beats: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.whisper)
+
+    def _add(self, model, batch, rows: list[int], lengths: list[int]) -> None:
+        """Encode the batch's rows `rows`: Whisper over them together (each row padded to its window, so its
+        output is its own up to float rounding), BEATs over each clip alone (its own length, no padding)."""
+        mel = data.log_mel_spectrogram(batch.wavs[rows], batch.n_mels, padding_mask=batch.padding_mask[rows],
+                                       n_frames=batch.n_frames)                            # (b, n_mels, n_frames)
+        dtype = model.speech_encoder.conv1.weight.dtype                 # as SpeechLLM.encoders runs them
+        with torch.no_grad():
+            speech = model.speech_encoder(mel.to(dtype))                                    # (b, T_w, C)
+            for j, i in enumerate(rows):
+                self.whisper[batch.ids[i]] = speech[j]
+                if model.beats is not None:
+                    fbank = data.beats_fbank(batch.wavs[i:i + 1, :lengths[i]])            # (1, T, 128)
+                    self.beats[batch.ids[i]] = model.beats(fbank.to(dtype))[0][0]         # (T', C')
+
+    def bridge_inputs(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Whisper's (B, T_w, C) and BEATs' (B, max T', C') outputs for the batch (padded with zeros), and
+        BEATs' lengths (B,); the clips not seen before are encoded first (batch: waveforms on the device)."""
+        lengths = (~batch.padding_mask).sum(1).tolist()
+        new = [i for i, uid in enumerate(batch.ids) if uid not in self.whisper]
+        if new:
+            self._add(model, batch, new, lengths)
+        speech = torch.stack([self.whisper[u] for u in batch.ids])
+        if model.beats is None:
+            return speech, None, None
+        audio = nn.utils.rnn.pad_sequence([self.beats[u] for u in batch.ids], batch_first=True)
+        return speech, audio, torch.tensor([len(self.beats[u]) for u in batch.ids], device=audio.device)
+
+
+def compute_losses(model, batch, align: str, layers: list[int], alpha: float, ctc_head: nn.Linear | None = None,
+                   cache: EncoderCache | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch: encode speech -> speech pass with CE -> text pass (no grad) -> alignment -> Eq. (6).
 
     Returns the loss to backpropagate and its named terms: loss, ce, and w{l} per OT layer, ctc or
-    contrastive."""
-    speech = model.encode_speech(batch.mel, batch.fbank, batch.padding_mask)     # (B, 88, H), encoders no grad
+    contrastive. With `cache`, the encoders' outputs come from it (the batch needs no features)."""
+    if cache is None:
+        speech = model.encode_speech(batch.mel, batch.fbank, batch.padding_mask)  # (B, 88, H), encoders no grad
+    else:
+        speech = model.bridge(*cache.bridge_inputs(model, batch))
     out = model.speech_pass(speech, batch.instructions, batch.targets, layers=layers if align == "ot" else ())
     if align == "ot":
         text = model.text_pass(batch.transcripts, batch.instructions, layers)    # stops after max(I)
@@ -233,7 +282,8 @@ def all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
 
 
 def train_step(model, opt: torch.optim.Optimizer, params: list[nn.Parameter], micro_batches: list, step: int,
-               args, ctx: Context, ctc_head: nn.Linear | None = None) -> dict[str, float]:
+               args, ctx: Context, ctc_head: nn.Linear | None = None,
+               cache: EncoderCache | None = None) -> dict[str, float]:
     """One optimizer step over this process's micro-batches [(k, Batch)], k = global micro-batch index.
 
     Each micro-batch's loss is divided by their number, the gradients are averaged over the processes, so
@@ -246,7 +296,8 @@ def train_step(model, opt: torch.optim.Optimizer, params: list[nn.Parameter], mi
     for k, batch in micro_batches:
         torch.manual_seed(micro_batch_seed(args.seed, step, k))    # dropout masks depend on (seed, step, k) only
         with ctx.autocast():
-            loss, t = compute_losses(model, batch.to(ctx.device), args.align, args.layers, args.alpha, ctc_head)
+            loss, t = compute_losses(model, batch.to(ctx.device, features=cache is None), args.align, args.layers,
+                                     args.alpha, ctc_head, cache)
         (loss / len(micro_batches)).backward()
         terms.append({n: v.detach().float() for n, v in t.items()})
     if ctx.world > 1:
@@ -431,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch.compile the repeated blocks (default: on for CUDA, off on CPU)")
     ap.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     ap.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    ap.add_argument("--cache-encoders", action="store_true",
+                    help="keep each training clip's frozen-encoder outputs in device memory after its first use "
+                         "(each clip encoded alone; see EncoderCache): for small corpora such as the toy world")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -687,13 +741,15 @@ def check_transcripts(dataset, manifests: list[Path], align: str) -> None:
 
 RESUME_KEYS = ("stage", "backbone", "paths", "train", "train_sizes", "qformer", "lora", "layers", "align", "alpha", "global_batch",
                "steps", "warmup", "lr", "warmup_lr", "min_lr", "weight_decay", "clip", "eval_every", "patience",
-               "seed", "valid", "dtype")
+               "seed", "valid", "dtype", "cache_encoders")
+RESUME_ABSENT = {"cache_encoders": False}      # settings added later: their value in an older run's args.json
 
 
 def check_resume(args, saved: dict) -> None:
     """A resumed run must be the same run: the settings that define it must not have changed."""
     now = run_settings(args)
-    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS
+               if saved.get(k, RESUME_ABSENT.get(k)) != now[k]]
     if changed:
         raise ArgumentError(f"--resume: {args.out} was started with other settings: {'; '.join(changed)}")
 
@@ -739,9 +795,11 @@ def activation_bytes_per_token(cfg, lora_targets: int, act_bytes: int) -> int:
 
 
 def expected_memory(model, micro_batch: int, seq_len: int, target_len: int, act_bytes: int,
-                    ctc_head: nn.Linear | None = None) -> dict[str, float]:
+                    ctc_head: nn.Linear | None = None, cached_clips: int = 0) -> dict[str, float]:
     """GiB expected on one device: frozen weights, trainable weights with gradients and AdamW moments
-    (16 B per parameter), the speech pass's saved activations, the CE's fp32 logits (and CTC's)."""
+    (16 B per parameter), the speech pass's saved activations, the CE's fp32 logits (and CTC's), and with
+    --cache-encoders at most `cached_clips` clips' encoder outputs (BEATs' 50 tokens/s counted as Whisper's
+    frames: at most as many for a clip inside Whisper's window)."""
     cfg = model.config.llm
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -754,6 +812,10 @@ def expected_memory(model, micro_batch: int, seq_len: int, target_len: int, act_
     if ctc_head is not None:
         mem["trainable + grads + AdamW"] += 16 * ctc_head.weight.numel()
         mem["CTC logits"] = micro_batch * n_speech * ctc_head.out_features * 4 * 3
+    if cached_clips:
+        bridge = model.bridge.cfg
+        mem["encoder cache"] = (cached_clips * model.config.whisper.max_source_positions
+                                * (bridge.speech_dim + bridge.audio_dim) * act_bytes)
     mem = {k: v / 2**30 for k, v in mem.items()}
     mem["total"] = sum(mem.values())
     return mem
@@ -936,7 +998,8 @@ def build(args, ctx: Context):
 
 def print_start(args, ctx: Context, model, ctc_head, start: int) -> None:
     seq, tgt = sequence_lengths(model, args.train_data)
-    mem = expected_memory(model, args.micro_batch, seq, tgt, 2 if ctx.dtype == torch.bfloat16 else 4, ctc_head)
+    mem = expected_memory(model, args.micro_batch, seq, tgt, 2 if ctx.dtype == torch.bfloat16 else 4, ctc_head,
+                          len(args.train_data) if args.cache_encoders else 0)
     print(parameter_report(model, ctc_head))
     print(f"expected memory per device at micro-batch {args.micro_batch} (<= {seq} positions, {tgt} target "
           f"tokens): " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()))
@@ -945,6 +1008,7 @@ def print_start(args, ctx: Context, model, ctc_head, start: int) -> None:
           + f"; {len(args.train_data)} utterances, {args.train_data.sizes} per manifest; global batch "
           f"{args.global_batch} = {args.micro_batch} x {args.accumulation} accumulation x {ctx.world} process(es); "
           f"steps {start}..{args.steps}; {ctx.device}, {str(ctx.dtype).removeprefix('torch.')}"
+          + ("; frozen-encoder outputs cached per clip" if args.cache_encoders else "")
           + (f"; resuming from {args.resume_from}" if args.resume_from
              else "; --resume: no checkpoint yet, starting at step 0" if args.resume else ""), flush=True)
 
@@ -985,10 +1049,11 @@ def train(args, ctx: Context) -> dict:
     log = MetricsLog(out, start, ctx.is_main)
     bar = tqdm(total=args.steps, initial=start, disable=not ctx.is_main or args.no_progress, unit="step")
     n_speech = model.bridge.num_speech_tokens(model.config.whisper.max_source_positions)
+    cache = EncoderCache() if args.cache_encoders else None
     t_start, stopped, done = time.perf_counter(), None, start
     for step, batches in enumerate(micro_batches(args, ctx, start), start):
         t0 = time.perf_counter()
-        stats = train_step(model, opt, params, batches, step, args, ctx, ctc_head)
+        stats = train_step(model, opt, params, batches, step, args, ctx, ctc_head, cache)
         done, dt = step + 1, time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", sps=f"{args.global_batch / dt:.1f}")

@@ -85,6 +85,13 @@ def test_pad_after_layernorm():
     with torch.no_grad():  # the other way round: a longer BEATs stream pads Whisper
         fused = m.fuse(torch.randn(2, 30, 12), torch.randn(2, 34, 8))
     assert fused.shape == (2, 34, 20) and torch.all(fused[:, 30:, :12] == 0)
+    with torch.no_grad():  # audio_lengths: each row's BEATs frames from its length on are zero as well
+        full = m.fuse(whisper, beats)
+        cut = m.fuse(whisper, beats, audio_lengths=torch.tensor([1496, 700]))
+    assert torch.equal(cut[0], full[0]) and torch.equal(cut[1, :700], full[1, :700])
+    assert torch.all(cut[1, 700:, 12:] == 0) and torch.equal(cut[1, 700:, :12], full[1, 700:, :12])
+    with pytest.raises(ValueError, match="audio_lengths"):
+        m.fuse(whisper, beats, audio_lengths=torch.tensor([1496]))
 
 
 def test_window_qformer_equals_hf_composition():

@@ -139,6 +139,36 @@ def test_teacher_forced_validation_equals_the_speech_pass(tiny):
     tiny.train()
 
 
+def test_encoder_cache_gives_each_clip_what_it_gives_alone(tiny):
+    """--cache-encoders: the bridge reads each clip's encoder outputs as in a batch of one, and not, where the
+    clips' lengths differ, what the padded batch gives (BEATs over the padding: SALMONN's behaviour)."""
+    import copy
+    model = copy.deepcopy(tiny).double().eval()    # float64: two paths through our code agree to rounding
+    g = torch.Generator().manual_seed(0)
+    wavs = [0.1 * torch.randn(int(s * 16000), generator=g) for s in (1.0, 2.3, 1.7)]
+
+    def batch_of(ws, ids):
+        padded, mask = data.pad_batch(ws)
+        return data.Batch(ids=ids, tasks=["asr"] * len(ws), instructions=["x"] * len(ws), targets=["y"] * len(ws),
+                          transcripts=["y"] * len(ws), wavs=padded, padding_mask=mask)
+
+    def uncached(b):
+        b = b.to("cpu")
+        return model.encode_speech(b.mel, b.fbank, b.padding_mask)
+
+    cache = train.EncoderCache()
+    with torch.no_grad():
+        cached = model.bridge(*cache.bridge_inputs(model, batch_of(wavs, ["a", "b", "c"]).to("cpu", features=False)))
+        alone = torch.cat([uncached(batch_of([w], [i])) for w, i in zip(wavs, "abc")])
+        assert len(cache) == 3 and cache.whisper["a"].dtype == torch.float64
+        torch.testing.assert_close(cached, alone, rtol=0, atol=1e-10)
+        batched = uncached(batch_of(wavs, ["a", "b", "c"]))
+        torch.testing.assert_close(batched[1], cached[1], rtol=0, atol=1e-10)   # the longest clip: no padding
+        assert (batched[0] - cached[0]).abs().max() > 1e-3                      # the others read the padding
+        again = model.bridge(*cache.bridge_inputs(model, batch_of(wavs[::-1], ["c", "b", "a"])))
+    assert len(cache) == 3 and torch.equal(again, cached.flip(0))
+
+
 def test_ot_gradient_reaches_only_the_bridge_and_the_lora_below_the_layer(tiny):
     batch = tiny_batch(tiny)
     for layers, lora_blocks in (([0], set()), ([0, 1], {0})):
@@ -391,6 +421,23 @@ def test_two_gloo_processes_equal_one_with_accumulation(reference, setup):
         for k in ("loss", "ce", "w0", "w1", "valid_loss", "valid_acc"):
             if k in r:
                 assert g[k] == pytest.approx(r[k], rel=1e-5, abs=1e-6), (r["step"], k)
+
+
+def test_cached_encoders_train_as_micro_batch_one_without_the_cache(setup):
+    # at micro-batch 1 a clip is alone in its batch with or without the cache: the same run, the cache then
+    # skipping the features and encoders of the utterances it has seen (4 steps over 2 utterances)
+    runs = {}
+    for name, extra in (("plain", []), ("cached", ["--cache-encoders"])):
+        out = setup["dir"] / f"mb1_{name}"
+        train.main(argv(setup, out, "--layers", "0-1", "--global-batch", "2", "--micro-batch", "1", "--steps", "4",
+                        "--warmup", "1", "--lr", "1e-2", "--train", setup["valid"], *extra))
+        runs[name] = out
+    assert json.loads((runs["cached"] / "args.json").read_text())["cache_encoders"] is True
+    a, b = (trainable(runs[n] / "step_000004") for n in ("plain", "cached"))
+    # float32: the same arithmetic, except BEATs' all-False padding mask against none (~1e-7 relative)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ref, got = (train.read_metrics(runs[n] / "metrics.jsonl") for n in ("plain", "cached"))
+    assert [r["ce"] for r in got] == pytest.approx([r["ce"] for r in ref], rel=1e-5)
 
 
 def test_ctc_head_is_saved_with_the_checkpoint_and_resumed(setup):
