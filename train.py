@@ -203,7 +203,8 @@ class EncoderCache:
     behaviour, kept without the cache); with the cache, the bridge sees each clip's own frames and zeros
     after them (WindowQFormer's audio_lengths), exactly what it sees at micro-batch 1 without the cache.
     Memory: each utterance keeps (Whisper frames x width + BEATs tokens x width) values in the model's dtype:
-    about 4 MB for Whisper-large-v2 + BEATs in bf16, 0.15 MB on the toy world. Meant for small corpora."""
+    4-6 MB for Whisper-large-v2 + BEATs in bf16, at most 0.15 MB on the toy world. Meant for small corpora.
+    Validation (and evaluate.py) encode their batches as usual."""
 
     def __init__(self):
         self.whisper: dict[str, torch.Tensor] = {}
@@ -217,7 +218,7 @@ class EncoderCache:
         output is its own up to float rounding), BEATs over each clip alone (its own length, no padding)."""
         mel = data.log_mel_spectrogram(batch.wavs[rows], batch.n_mels, padding_mask=batch.padding_mask[rows],
                                        n_frames=batch.n_frames)                            # (b, n_mels, n_frames)
-        dtype = model.speech_encoder.conv1.weight.dtype                 # as SpeechLLM.encoders runs them
+        dtype = model.speech_encoder.conv1.weight.dtype              # as SpeechLLM.encode_speech runs them
         with torch.no_grad():
             speech = model.speech_encoder(mel.to(dtype))                                    # (b, T_w, C)
             for j, i in enumerate(rows):
