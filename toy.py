@@ -1403,8 +1403,8 @@ def _report(out: Path, models: dict, times: dict) -> None:
 #         step                  1,000   1,500   2,000   2,500   3,000
 #         asr_valid accuracy    0.655   0.771   0.832   0.857   0.856
 #         asr_test_clean WER    63.7%   43.8%   33.3%   29.7%   27.3%
-#     past ~2,500 steps the training loss falls and validation does not: a WER under 15% looks to need more
-#     speech rather than more steps;
+#     past ~2,500 steps the training loss falls and validation does not (more steps will not reach a WER
+#     under 15%; REPRODUCTION.md has a probe with three times the ASR speech);
 #   - no early stopping (--patience 0: every run trains its steps; the best validation checkpoint is used);
 #   - decoding is greedy (the paper decodes with beam 4, about four times the work).
 
