@@ -1444,11 +1444,20 @@ class SpeechLLM(nn.Module):
         """mel (B, n_mels, n_frames), fbank (B, T, 128) + waveform padding mask (B, N) -> (B, 88, hidden)."""
         if (self.beats is None) != (fbank is None):
             raise ValueError("encode_speech: pass fbank features exactly when the model has BEATs")
-        with torch.no_grad():   # the encoders are frozen: no activations kept for backward
-            dtype = self.speech_encoder.conv1.weight.dtype
-            speech = self.speech_encoder(mel.to(dtype))                                     # (B, 1500, 1280)
-            audio = None if self.beats is None else self.beats(fbank.to(dtype), fbank_padding_mask)[0]  # (B, T', 768)
+        speech = self.encode_whisper(mel)                                                   # (B, 1500, 1280)
+        audio = None if self.beats is None else self.encode_beats(fbank, fbank_padding_mask)  # (B, T', 768)
         return self.bridge(speech, audio)                                                   # (B, 88, hidden)
+
+    # the frozen encoders, in their weights' dtype; no activations kept for backward
+    @torch.no_grad()
+    def encode_whisper(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel (B, n_mels, n_frames) -> Whisper's output (B, 1500, 1280)."""
+        return self.speech_encoder(mel.to(self.speech_encoder.conv1.weight.dtype))
+
+    @torch.no_grad()
+    def encode_beats(self, fbank: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """fbank (B, T, 128) + waveform padding mask (B, N) or None -> BEATs' output (B, T', 768)."""
+        return self.beats(fbank.to(self.speech_encoder.conv1.weight.dtype), padding_mask)[0]
 
     def _embed(self, batch: PromptBatch, slot: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the slot positions replaced by `slot` (B, n, hidden) when given."""

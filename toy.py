@@ -1584,7 +1584,7 @@ def run_method(out: str | os.PathLike, seed: int = 0, quick: bool = False, world
 
     print("[5/5] results", flush=True)
     metrics = _metrics(out, ["ce", "ai-sta"])
-    asr = json.loads((out / "eval" / "stage1_asr" / "metrics.json").read_text())
+    asr = json.loads((asr / "metrics.json").read_text())
     result = {"seed": seed, "quick": quick, "world": str(world),
               "stage1_asr_wer": round(100 * asr["wer"], 2), "selected_layers": selection["selected"], "threshold": selection["threshold"], "layers": selection["layers"],
               "chance_mrr": selection["chance_mrr"], "ai_sta_layers": align_layers,

@@ -218,14 +218,12 @@ class EncoderCache:
         output is its own up to float rounding), BEATs over each clip alone (its own length, no padding)."""
         mel = data.log_mel_spectrogram(batch.wavs[rows], batch.n_mels, padding_mask=batch.padding_mask[rows],
                                        n_frames=batch.n_frames)                            # (b, n_mels, n_frames)
-        dtype = model.speech_encoder.conv1.weight.dtype              # as SpeechLLM.encode_speech runs them
-        with torch.no_grad():
-            speech = model.speech_encoder(mel.to(dtype))                                    # (b, T_w, C)
-            for j, i in enumerate(rows):
-                self.whisper[batch.ids[i]] = speech[j]
-                if model.beats is not None:
-                    fbank = data.beats_fbank(batch.wavs[i:i + 1, :lengths[i]])            # (1, T, 128)
-                    self.beats[batch.ids[i]] = model.beats(fbank.to(dtype))[0][0]         # (T', C')
+        speech = model.encode_whisper(mel)                                                   # (b, T_w, C)
+        for j, i in enumerate(rows):
+            self.whisper[batch.ids[i]] = speech[j]
+            if model.beats is not None:
+                fbank = data.beats_fbank(batch.wavs[i:i + 1, :lengths[i]])                    # (1, T, 128)
+                self.beats[batch.ids[i]] = model.encode_beats(fbank)[0]                       # (T', C')
 
     def bridge_inputs(self, model, batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Whisper's (B, T_w, C) and BEATs' (B, max T', C') outputs for the batch (padded with zeros), and
