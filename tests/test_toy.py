@@ -272,7 +272,7 @@ def test_quick_chain_end_to_end(tmp_path):
     args = json.loads((out / "joint_ai-sta" / "args.json").read_text())
     assert args["align"] == "ot" and args["layers"] == r["ai_sta_layers"] == (r["selected_layers"] or [0])
     assert json.loads((out / "joint_ce" / "args.json").read_text())["align"] == "none"
-    s1 = json.loads((out / "stage1" / "args.json").read_text())      # ASR drawn twice as often, a constant lr
+    s1 = json.loads((out / "stage1" / "args.json").read_text())      # ASR drawn four times as often, a constant lr
     assert s1["train"][0].endswith("asr_train.jsonl:4") and s1["min_lr"] == s1["lr"] and s1["cache_encoders"]
     assert json.loads((out / "joint_ce" / "args.json").read_text())["cache_encoders"]
     assert (out / "eval" / "stage1_asr.log").is_file() and (out / "eval" / "st_ce.log").is_file()
