@@ -584,7 +584,7 @@ class Sizes:
     llm_zh: int = 15000
     llm_steps: int = 1500          # of llm_rows x 128 packed tokens
     llm_rows: int = 20
-    whisper_steps: int = 900       # of whisper_batch utterances (stage 1 reads speech as well as these read it)
+    whisper_steps: int = 900       # of whisper_batch utterances (stage 1 can read speech only as well as it hears)
     whisper_batch: int = 16
     beats_steps: int = 300         # fewer than Whisper's: the two train one after the other beside the LLM
     beats_batch: int = 16
@@ -1409,7 +1409,8 @@ def _report(out: Path, models: dict, times: dict) -> None:
 #         900 steps, lr 6e-3     1.8% /  9.4%     (today's base models: 300 BEATs steps make room for them)
 #     so stage 1's WER falls with its steps: with the 1,500-step Whisper, ASR weight 4 and 0.16-s Q-Former
 #     windows (window=8, stride=8; a step costs a quarter more) it was 30.5% at 1,500 steps and 19.2% at
-#     2,000. A WER under 15% needs more steps than the 15-minute budget holds today;
+#     2,000; with today's Whisper, 0.16-s windows and 2,500 steps it was 14.0% (0.34-s windows: 19.4%), more
+#     steps than the 15-minute budget holds today;
 #   - no early stopping (--patience 0: every run trains its steps; the best validation checkpoint is used);
 #   - decoding is greedy (the paper decodes with beam 4, about four times the work).
 
