@@ -563,7 +563,7 @@ def sound_clip(rng) -> tuple[np.ndarray, str, list[str]]:
 # 4. The world: sizes, splits, audio files, manifests
 # ----------------------------------------------------------------------------------------------------
 
-VERSION = 2          # bump when the world's content changes: a cached world of another version is rebuilt
+VERSION = 3          # bump when the world's content changes: a cached world of another version is rebuilt
 
 
 @dataclass(frozen=True)
@@ -758,7 +758,11 @@ class LLMCorpus:
 # to print a likely English sentence whatever the source says; repeats of random word strings, which no
 # language model can guess, and 1,500 steps teach it to copy (teacher-forced copy accuracy 0.93 against
 # 0.45 with 5% sentence repeats at 600 steps; both translate held-out text at 83-93 BLEU).
-LLM_MIX = {"randrep": 0.10, "st": 0.20, "repeat": 0.35, "lines": 0.15, "en": 0.05, "zh": 0.15}
+# Translation (st, lines) has a smaller share than it had (0.20, 0.15; issue 12's notes): once stage 1 reads
+# speech well, an LLM that translates held-out text at BLEU 92 made the base speech translation score 77 on
+# seed 0, above the toy's band of 20-70 where differences show. With these shares it translates at 56, and
+# stage 1 learns as fast (asr_valid accuracy 0.812 against 0.798 at step 1,000): copying is what stage 1 needs.
+LLM_MIX = {"randrep": 0.12, "st": 0.15, "repeat": 0.40, "lines": 0.08, "en": 0.08, "zh": 0.17}
 
 
 def llm_documents(corpus: LLMCorpus, prompter, tok, rng, n: int, mix: dict | None = None) -> list[list[int]]:
@@ -1391,15 +1395,19 @@ def _report(out: Path, models: dict, times: dict) -> None:
 # The real scripts run unchanged (train.py, select_layers.py, evaluate.py, through their command lines);
 # only the sizes and rates below are the toy's. What differs from the paper, and why:
 #   - the Q-Former is 2 layers of width 128 (not BERT-base's 768); it and LoRA train without dropout (SALMONN's
-#     0.1 slows a run of a few hundred steps); the windows, LoRA's rank and scale and Eq. (6)'s α are the paper's;
-#   - peak learning rate 1e-3 against the paper's 3e-5, 1,500 (stage 1) and 300 (stage 3) steps against tens
+#     0.1 slows a run of a few thousand steps); LoRA's rank and scale and Eq. (6)'s α are the paper's;
+#   - its windows are 0.16 s (window=8, stride=8 Whisper frames: 37 speech tokens per 6-s clip), not the
+#     paper's 0.34 s (17 frames: 17 tokens): one tiny query per 0.34 s carries too little of what was said.
+#     Measured on seed 0's world (issue 12's notes; stage 1 of 2,500 steps, one thread): greedy WER 14.0%
+#     against 19.4% with 0.34-s windows; a step costs about a quarter more;
+#   - peak learning rate 1e-3 against the paper's 3e-5, 2,500 (stage 1) and 300 (stage 3) steps against tens
 #     of thousands, batch 16 against 32: a 0.6 M-parameter LLM and minutes of CPU;
 #   - stage 1 holds its learning rate at 1e-3 after the warm-up (no cosine decay) and draws ASR four times as
 #     often as captioning (asr_train.jsonl:4; ASR is 8 of every 9 draws);
 #   - both stages keep each clip's frozen-encoder outputs from its first use on (train.py --cache-encoders;
-#     each clip is encoded alone, see EncoderCache): a stage-1 step takes ~0.11 s instead of ~0.25 s;
+#     each clip is encoded alone, see EncoderCache): a stage-1 step costs about half what it did without;
 #   - what stage 1 reaches is bounded first by the Whisper encoder, then by its steps. Probes on seed 0's world
-#     (stage 1 of 1,500 steps unless said, one thread; issue 12's notes):
+#     (stage 1 of 1,500 steps unless said, 0.34-s windows, one thread; issue 12's notes):
 #         Whisper pretraining  its CTC CER/WER   BEATs   ASR weight   asr_valid acc.   stage-1 WER
 #         600 steps, lr 3e-3     7.9% / 35.8%     500        2           0.773          41.5%
 #         900 steps, lr 3e-3     3.1% / 15.8%     500        4           0.836          30.9%
@@ -1407,14 +1415,12 @@ def _report(out: Path, models: dict, times: dict) -> None:
 #         1,500 steps, lr 3e-3   1.1% /  5.7%     500        2           0.834          31.4%
 #         1,500 steps, lr 3e-3   1.1% /  5.7%     500        4           0.872          26.7%
 #         900 steps, lr 6e-3     1.8% /  9.4%     (today's base models: 300 BEATs steps make room for them)
-#     so stage 1's WER falls with its steps: with the 1,500-step Whisper, ASR weight 4 and 0.16-s Q-Former
-#     windows (window=8, stride=8; a step costs a quarter more) it was 30.5% at 1,500 steps and 19.2% at
-#     2,000; with today's Whisper, 0.16-s windows and 2,500 steps it was 14.0% (0.34-s windows: 19.4%), more
-#     steps than the 15-minute budget holds today;
+#     and then by its steps: with today's Whisper and ASR weight 4, 0.34-s windows gave 25.9% / 23.9% / 19.4%
+#     at steps 1,500 / 2,000 / 2,500, and 0.16-s windows 22.7% / 18.0% / 14.0%;
 #   - no early stopping (--patience 0: every run trains its steps; the best validation checkpoint is used);
 #   - decoding is greedy (the paper decodes with beam 4, about four times the work).
 
-TOY_QFORMER = "hidden=128,n_head=4,ffn=512,hidden_dropout=0,attn_dropout=0"
+TOY_QFORMER = "hidden=128,n_head=4,ffn=512,hidden_dropout=0,attn_dropout=0,window=8,stride=8"
 # each stage's flags; its steps at full size (STAGE_STEPS) and with --quick (QUICK_STEPS)
 STAGE_FLAGS = {
     "pretrain": ["--global-batch", "16", "--micro-batch", "16", "--lr", "1e-3", "--min-lr", "1e-3",
@@ -1422,7 +1428,7 @@ STAGE_FLAGS = {
     "joint": ["--global-batch", "16", "--micro-batch", "16", "--lr", "1e-3", "--min-lr", "1e-4",
               "--warmup-lr", "1e-5", "--cache-encoders"],
 }
-STAGE_STEPS = {"pretrain": dict(steps=1500, warmup=50, eval_every=500),
+STAGE_STEPS = {"pretrain": dict(steps=2500, warmup=50, eval_every=500),
                "joint": dict(steps=300, warmup=30, eval_every=100)}
 QUICK_STEPS = {"pretrain": dict(steps=40, warmup=4, eval_every=20), "joint": dict(steps=20, warmup=2, eval_every=10)}
 SELECT_PAIRS = {"full": 300, "quick": 40}
