@@ -1419,7 +1419,8 @@ def _report(out: Path, models: dict, times: dict) -> None:
 #         900 steps, lr 6e-3     1.8% /  9.4%     (today's base models: 300 BEATs steps make room for them)
 #     and then by its steps: with today's Whisper and ASR weight 4, 0.34-s windows gave 25.9% / 23.9% / 19.4%
 #     at steps 1,500 / 2,000 / 2,500, and 0.16-s windows 22.7% / 18.0% / 14.0%. Not on every world: on seed 1's,
-#     stage 1 stalls near the LLM's prior (asr_valid accuracy 0.644, WER 64%; REPRODUCTION.md), an open problem;
+#     stage 1 stalls near the LLM's prior (asr_valid accuracy 0.644, WER 64%) and learns with seed 0's LLM in
+#     place of its own (REPRODUCTION.md): what in the LLM's pretraining decides it is an open problem;
 #   - no early stopping (--patience 0: every run trains its steps; the best validation checkpoint is used);
 #   - decoding is greedy (the paper decodes with beam 4, about four times the work).
 
