@@ -563,7 +563,7 @@ def sound_clip(rng) -> tuple[np.ndarray, str, list[str]]:
 # 4. The world: sizes, splits, audio files, manifests
 # ----------------------------------------------------------------------------------------------------
 
-VERSION = 3          # bump when the world's content changes: a cached world of another version is rebuilt
+VERSION = 3          # bump when the world's content changes: build() refuses a cached world of another version
 
 
 @dataclass(frozen=True)
@@ -1399,7 +1399,7 @@ def _report(out: Path, models: dict, times: dict) -> None:
 #   - the Q-Former is 2 layers of width 128 (not BERT-base's 768); it and LoRA train without dropout (SALMONN's
 #     0.1 slows a run of a few thousand steps); LoRA's rank and scale and Eq. (6)'s α are the paper's;
 #   - its windows are 0.16 s (window=8, stride=8 Whisper frames: 37 speech tokens per 6-s clip), not the
-#     paper's 0.34 s (17 frames: 17 tokens): one tiny query per 0.34 s carries too little of what was said.
+#     paper's 0.34 s (17 frames: 17 tokens): with the toy's small Q-Former they read speech better.
 #     Measured on seed 0's world (issue 12's notes; stage 1 of 2,500 steps, one thread): greedy WER 14.0%
 #     against 19.4% with 0.34-s windows; a step costs about a quarter more;
 #   - peak learning rate 1e-3 against the paper's 3e-5, 2,500 (stage 1) and 300 (stage 3) steps against tens
@@ -1408,19 +1408,10 @@ def _report(out: Path, models: dict, times: dict) -> None:
 #     often as captioning (asr_train.jsonl:4; ASR is 8 of every 9 draws);
 #   - both stages keep each clip's frozen-encoder outputs from its first use on (train.py --cache-encoders;
 #     each clip is encoded alone, see EncoderCache): a stage-1 step costs about half what it did without;
-#   - what stage 1 reaches is bounded first by the Whisper encoder, then by its steps. Probes on seed 0's world
-#     (stage 1 of 1,500 steps unless said, 0.34-s windows, one thread; issue 12's notes):
-#         Whisper pretraining  its CTC CER/WER   BEATs   ASR weight   asr_valid acc.   stage-1 WER
-#         600 steps, lr 3e-3     7.9% / 35.8%     500        2           0.773          41.5%
-#         900 steps, lr 3e-3     3.1% / 15.8%     500        4           0.836          30.9%
-#         900 steps, lr 3e-3     3.1% / 15.8%     300        4           0.839          30.4%
-#         1,500 steps, lr 3e-3   1.1% /  5.7%     500        2           0.834          31.4%
-#         1,500 steps, lr 3e-3   1.1% /  5.7%     500        4           0.872          26.7%
-#         900 steps, lr 6e-3     1.8% /  9.4%     (today's base models: 300 BEATs steps make room for them)
-#     and then by its steps: with today's Whisper and ASR weight 4, 0.34-s windows gave 25.9% / 23.9% / 19.4%
-#     at steps 1,500 / 2,000 / 2,500, and 0.16-s windows 22.7% / 18.0% / 14.0%. Not on every world: on seed 1's,
-#     stage 1 stalls near the LLM's prior (asr_valid accuracy 0.644, WER 64%) and learns with seed 0's LLM in
-#     place of its own (REPRODUCTION.md): what in the LLM's pretraining decides it is an open problem;
+#   - what stage 1 reaches is bounded first by the Whisper encoder (600 pretraining steps at lr 3e-3 read at
+#     CTC WER 35.8% and left stage 1 at 41.5%; today's 900 at 6e-3 read at 9.4%), then by its steps and by how
+#     well the LLM copies text: REPRODUCTION.md has the probes. On seed 1's world stage 1 stalls near the LLM's
+#     prior (WER 64%) and learns with seed 0's LLM in place of its own, which copies better: an open problem;
 #   - no early stopping (--patience 0: every run trains its steps; the best validation checkpoint is used);
 #   - decoding is greedy (the paper decodes with beam 4, about four times the work).
 
