@@ -239,10 +239,35 @@ def test_base_models_report(world):
     report = json.loads((world / "base_models.json").read_text())
     assert {"llm", "whisper", "beats", "command", "seconds"} <= set(report)
     assert 0 <= report["llm"]["mt_bleu"] <= 100 and "tok:zh" in report["llm"]["signature"]
+    assert 0 <= report["llm"]["copy_random_words"] <= 1 and report["llm"]["copy_n"] == 200
     assert report["whisper"]["n_frames"] == 600 and report["whisper"]["n"] == MICRO.asr_test_clean
     assert report["beats"]["n"] == MICRO.aac_valid
     info = json.loads((world / "world.json").read_text())
     assert info["seed"] == 0 and all((world / p).exists() for p in info["paths"].values())
+
+
+class _Oracle(torch.nn.Module):
+    """A stand-in LLM whose logits at each position name the next input token (shift=1: a perfect copier
+    under teacher forcing) or the current one (shift=0: always one behind)."""
+
+    def __init__(self, vocab: int, shift: int):
+        super().__init__()
+        self.vocab, self.shift = vocab, shift
+
+    def forward(self, input_ids, attention_mask=None, logits="all"):
+        ids = torch.roll(input_ids, -self.shift, dims=1)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(ids, self.vocab).float()})()
+
+
+def test_eval_copy_scores_the_answer_only(world):
+    tok = load_tokenizer(world / toy.PATHS["llm"])
+    vocab = tok.tok.get_vocab_size()
+    sentences = ["the cat sees a dog", "two birds sing quietly"] * 3
+    words = ["cat", "dog", "bird", "tree", "sees"]
+    perfect = toy.eval_copy(_Oracle(vocab, 1), tok, sentences, words, seed=0, n=6)
+    assert perfect == {"copy_sentences": 1.0, "copy_random_words": 1.0, "copy_n": 6}
+    behind = toy.eval_copy(_Oracle(vocab, 0), tok, sentences, words, seed=0, n=6)
+    assert behind["copy_sentences"] < 0.3 and behind["copy_random_words"] < 0.5    # repeats (cat cat) can match
 
 
 def test_train_py_dispatches_toy_and_checks_its_flags(capsys):
