@@ -1249,8 +1249,8 @@ def eval_llm(llm, tok, pairs: list[tuple[str, str]]) -> dict:
 
 def eval_copy(llm, tok, sentences: list[str], words: list[str], seed: int, n: int = 200) -> dict:
     """How well the LLM copies: teacher-forced next-token accuracy of its answer when asked to repeat English
-    given where the speech goes (the first ASR instruction, as stage 1 asks), on `n` held-out sentences and on
-    `n` strings of 3-12 random `words`, which no language model can guess. Stage 1 reads speech through this
+    given where the speech goes (the first ASR instruction, as stage 1 asks), on the first `n` held-out
+    `sentences` and on `n` strings of 3-12 random `words`, which no language model can guess. Stage 1 reads speech through this
     skill, though it is not all stage 1 needs (REPRODUCTION.md)."""
     import torch
     from model import INSTRUCTIONS, Prompter
@@ -1272,7 +1272,7 @@ def eval_copy(llm, tok, sentences: list[str], words: list[str], seed: int, n: in
                 right += (pred[keep] == labels[keep]).sum().item()
                 total += keep.sum().item()
             out[f"copy_{name}"] = round(right / total, 4)
-    return {**out, "copy_n": n}
+    return {**out, "copy_n": {name: len(lines) for name, lines in texts.items()}}
 
 
 def eval_whisper(enc, head, world: Path, split: str = "asr_test_clean") -> dict:
@@ -1441,10 +1441,10 @@ def _report(out: Path, models: dict, times: dict) -> None:
 #   - both stages keep each clip's frozen-encoder outputs from its first use on (train.py --cache-encoders;
 #     each clip is encoded alone, see EncoderCache): a stage-1 step costs about half what it did without;
 #   - what stage 1 reaches is bounded first by the Whisper encoder (600 pretraining steps at lr 3e-3 read at
-#     CTC WER 35.8% and left stage 1 at 41.5%; today's 900 at 6e-3 read at 9.4%), then by its steps and by how
-#     well the LLM copies text: REPRODUCTION.md has the probes. On seed 1's world stage 1 stalls near the LLM's
-#     prior (WER 64%) and learns with seed 0's LLM in place of its own, which copies better; yet LLMs trained
-#     until they copy well (base_models.json's copy_* figures) did not make stage 1 learn faster: open;
+#     CTC WER 35.8% and left stage 1 at 41.5%; today's 900 at 6e-3 read at 9.4%), then by its steps and by the
+#     LLM: on seed 1's world stage 1 stalls near the LLM's prior (WER 64%) and learns with seed 0's LLM in place
+#     of its own, which copies better; yet LLMs trained until they copy well (base_models.json's copy_*
+#     figures) did not make stage 1 learn faster. What in an LLM lets stage 1 learn is open (REPRODUCTION.md);
 #   - no early stopping (--patience 0: every run trains its steps; the best validation checkpoint is used);
 #   - decoding is greedy (the paper decodes with beam 4, about four times the work).
 

@@ -239,7 +239,7 @@ def test_base_models_report(world):
     report = json.loads((world / "base_models.json").read_text())
     assert {"llm", "whisper", "beats", "command", "seconds"} <= set(report)
     assert 0 <= report["llm"]["mt_bleu"] <= 100 and "tok:zh" in report["llm"]["signature"]
-    assert 0 <= report["llm"]["copy_random_words"] <= 1 and report["llm"]["copy_n"] == 200
+    assert 0 <= report["llm"]["copy_random_words"] <= 1 and report["llm"]["copy_n"] == {"sentences": MICRO.mt_test, "random_words": 200}
     assert report["whisper"]["n_frames"] == 600 and report["whisper"]["n"] == MICRO.asr_test_clean
     assert report["beats"]["n"] == MICRO.aac_valid
     info = json.loads((world / "world.json").read_text())
@@ -265,7 +265,7 @@ def test_eval_copy_scores_the_answer_only(world):
     sentences = ["the cat sees a dog", "two birds sing quietly"] * 3
     words = ["cat", "dog", "bird", "tree", "sees"]
     perfect = toy.eval_copy(_Oracle(vocab, 1), tok, sentences, words, seed=0, n=6)
-    assert perfect == {"copy_sentences": 1.0, "copy_random_words": 1.0, "copy_n": 6}
+    assert perfect == {"copy_sentences": 1.0, "copy_random_words": 1.0, "copy_n": {"sentences": 6, "random_words": 6}}
     behind = toy.eval_copy(_Oracle(vocab, 0), tok, sentences, words, seed=0, n=6)
     assert behind["copy_sentences"] < 0.3 and behind["copy_random_words"] < 0.5    # repeats (cat cat) can match
 
