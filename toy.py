@@ -1250,8 +1250,9 @@ def eval_llm(llm, tok, pairs: list[tuple[str, str]]) -> dict:
 def eval_copy(llm, tok, sentences: list[str], words: list[str], seed: int, n: int = 200) -> dict:
     """How well the LLM copies: teacher-forced next-token accuracy of its answer when asked to repeat English
     given where the speech goes (the first ASR instruction, as stage 1 asks), on the first `n` held-out
-    `sentences` and on `n` strings of 3-12 random `words`, which no language model can guess. Stage 1 reads speech through this
-    skill, though it is not all stage 1 needs (REPRODUCTION.md)."""
+    `sentences` and on `n` strings of 3-12 random `words`, which no language model can guess. Stage 1 reads
+    speech through this skill, though it is not all stage 1 needs (REPRODUCTION.md). (SpeechLLM._ce scores the
+    same positions, but on a speech LLM's hidden states; this needs the bare LLM.)"""
     import torch
     from model import INSTRUCTIONS, Prompter
     prompter = Prompter(tok, "qwen2")
