@@ -1,8 +1,11 @@
 """The toy world: determinism, the grammar's properties, the audio against its manifests, and the base
 models in their public layouts (loaded by our loaders and by transformers' where one exists)."""
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +17,11 @@ import data
 import toy
 from model import BEATs, BEATsConfig, LLM, WhisperEncoder, load_tokenizer
 
-# a world far smaller than --quick: a few clips per split, two optimizer steps per model
+# a world far smaller than --quick: a few clips per split, two or three optimizer steps per model (the LLM's
+# one copy check fails: an untrained LLM does not copy)
 MICRO = toy.Sizes(asr_train=6, asr_valid=2, aac_train=4, aac_valid=3, asr_test_clean=2, st_train=4, st_dev=2,
-                  st_test=2, mt_test=3, llm_mt=60, llm_en=20, llm_zh=20, llm_steps=2, llm_rows=2, whisper_steps=2,
+                  st_test=2, mt_test=3, llm_mt=60, llm_en=20, llm_zh=20, llm_steps=1, llm_max_steps=2, llm_decay=1,
+                  llm_warmup=1, llm_rows=2, whisper_steps=2,
                   whisper_batch=4, beats_steps=2, beats_batch=2)
 
 
@@ -103,6 +108,29 @@ def test_grammar_reorders_and_is_not_a_cipher():
     assert toy.verb_forms(dog, run, "past", False) == (["ran"], "", "跑了")
 
 
+def test_free_variation_words_the_chinese_only():
+    # the world's English is the grammar's own stream, untouched by the wording
+    sents = toy.draw_sentences(3, MICRO)
+    rng = np.random.default_rng([3, 0])
+    drawn = [en for split in toy.HELD_OUT for en, _ in sents[split]]
+    assert drawn == [toy.sample_sentence(rng)[0] for _ in drawn]
+    # the Chinese is the grammar's translation with each listed word in one of its forms, in place
+    rng = np.random.default_rng(5)
+    grammar = [toy.sample_sentence(rng)[1] for _ in range(2000)]
+    varied = [toy.vary(zh, np.random.default_rng(i)) for i, zh in enumerate(grammar)]
+    for a, b in zip(grammar, varied):
+        parts = toy._variant_pattern().split(a)
+        sites = toy._variant_pattern().findall(a)
+        forms = ["(" + "|".join(map(re.escape, toy.ZH_VARIANTS[w])) + ")" for w in sites]
+        assert re.fullmatch("".join(re.escape(t) + f for t, f in zip(parts, forms + [""])), b), (a, b)
+    changed = sum(a != b for a, b in zip(grammar, varied)) / len(grammar)
+    assert 0.5 < changed < 0.95
+    taken = {w for a, b in zip(grammar, varied) for w, forms in toy.ZH_VARIANTS.items()
+             if len(forms) > 1 and forms[1] in b and forms[1] not in a}
+    assert len(taken) >= 40                   # nearly every alternative appears
+    assert not any("不将" in b for b in varied) and any("不会" in b for b in varied)     # 不会 never varies
+
+
 def test_ctc_path_spells_the_text():
     wav, letters = toy.synthesize("all good kids", np.random.default_rng(3), alignment=True)
     path = toy.ctc_path(letters, 300)
@@ -152,6 +180,58 @@ def test_llm_documents_by_kind(world):
                 assert answer in user and set(answer.split()) <= set(corpus.words) and 3 <= len(answer.split()) <= 12 \
                     if kind == "randrep" else answer in ("the dog runs", "a cat sleeps")
 
+
+
+def test_llm_documents_stretch(world):
+    """A stretched repeat holds each source token for 1-3 positions and ends the source with 0-20 pauses: the
+    slot, its runs collapsed and the pauses dropped, is the answer's tokens; held tokens and pauses occur."""
+    from model import INSTRUCTIONS, Prompter
+    tok = load_tokenizer(world / toy.PATHS["llm"])
+    corpus = toy.LLMCorpus(mt=[("the dog runs", "狗跑。"), ("a cat sleeps", "一只猫睡觉。")], en=["the dog runs"],
+                           zh=["狗跑。"])
+    prompter, pause = Prompter(tok, "qwen2"), tok.encode(" ")[0]
+    afters = [tok.encode(prompter.after.format(instruction=i)) for i in toy.REPEAT_INSTRUCTIONS + INSTRUCTIONS["asr"]]
+    longest_run, pauses, sentences = 0, 0, 0
+    for d in toy.llm_documents(corpus, prompter, tok, np.random.default_rng(0), 40, {"stretch": 1.0}):
+        assert d[:len(prompter.before_ids)] == prompter.before_ids
+        ends = [j for j in range(len(prompter.before_ids), len(d)) for a in afters if d[j:j + len(a)] == a]
+        slot = d[len(prompter.before_ids):ends[0]]
+        text = tok.tok.decode(d, skip_special_tokens=False)
+        answer = tok.encode(text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0])
+        n = len(slot)
+        while slot and slot[-1] == pause:
+            slot.pop()
+        pauses += n - len(slot)
+        assert 0 <= n - len(slot) <= 20
+        runs = [(t, sum(1 for _ in g)) for t, g in itertools.groupby(slot)]
+        expected = [(t, sum(1 for _ in g)) for t, g in itertools.groupby(answer)]
+        assert [t for t, _ in runs] == [t for t, _ in expected]
+        assert all(e <= k <= 3 * e for (_, k), (_, e) in zip(runs, expected))   # each token held 1-3 times
+        longest_run = max([longest_run] + [k for (_, k), (_, e) in zip(runs, expected) if e == 1])
+        sentences += tok.decode(answer) in ("the dog runs", "a cat sleeps")
+    assert longest_run == 3 and pauses > 0 and 5 <= sentences <= 35
+
+
+@pytest.mark.parametrize("copies, max_steps, peak_steps", [([0.5, 0.95], 10, 3), ([0.1] * 9, 4, 4), (None, 10, 2)])
+def test_pretrain_llm_holds_the_peak_until_it_copies(monkeypatch, copies, max_steps, peak_steps):
+    """The LLM's pretraining checks its copying every LLM_CHECK_EVERY steps from llm_steps on and decays once a
+    check passes LLM_COPY (or at llm_max_steps, or at once without a check); the learning rate is the peak
+    until then and falls to a tenth of it over llm_decay steps."""
+    from model import LLMConfig
+    monkeypatch.setattr(toy, "LLM_CHECK_EVERY", 1)
+    llm = LLM(LLMConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, family="qwen2"))
+    rates = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (rates.append(self.param_groups[0]["lr"]),
+                                                                          real_step(self, *a, **k))[1])
+    batches = iter(lambda: torch.randint(0, 32, (2, 6)), None)
+    answers = iter(copies or [])
+    sizes = dataclasses.replace(MICRO, llm_steps=2, llm_max_steps=max_steps, llm_decay=2, llm_warmup=1)
+    done = toy.pretrain_llm(llm, batches, sizes, 1e-2, (lambda m: next(answers)) if copies else None)
+    assert done["peak_steps"] == peak_steps and done["steps"] == peak_steps + 2 == len(rates)
+    assert [c["step"] for c in done["copy_checks"]] == (list(range(2, min(peak_steps + 1, max_steps))) if copies else [])
+    assert rates[:peak_steps + 1] == [1e-2] * (peak_steps + 1) and rates[-1] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
 
 def test_audio_is_what_the_manifests_say(world):
     for split, (task, _) in toy.SPLITS.items():
@@ -240,6 +320,8 @@ def test_base_models_report(world):
     assert {"llm", "whisper", "beats", "command", "seconds"} <= set(report)
     assert 0 <= report["llm"]["mt_bleu"] <= 100 and "tok:zh" in report["llm"]["signature"]
     assert 0 <= report["llm"]["copy_random_words"] <= 1 and report["llm"]["copy_n"] == {"sentences": MICRO.mt_test, "random_words": 200}
+    assert (report["llm"]["steps"], report["llm"]["peak_steps"]) == (3, 2)
+    assert [c["step"] for c in report["llm"]["copy_checks"]] == [1] and report["llm"]["copy_checks"][0]["copy_sentences"] < toy.LLM_COPY
     assert report["whisper"]["n_frames"] == 600 and report["whisper"]["n"] == MICRO.asr_test_clean
     assert report["beats"]["n"] == MICRO.aac_valid
     info = json.loads((world / "world.json").read_text())
