@@ -35,6 +35,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,12 +308,7 @@ ZH_VARIANTS = {
     "正在": ("正在", "在"), "没有在": ("没有在",), "会": ("会", "将"), "不会": ("不会",), "的时候": ("的时候", "时"),
 }
 ZH_VARIATION = 0.5
-
-
-@functools.lru_cache(maxsize=1)
-def _variant_pattern():
-    import re
-    return re.compile("|".join(sorted(map(re.escape, ZH_VARIANTS), key=len, reverse=True)))   # longest first
+ZH_VARIANT_RE = re.compile("|".join(sorted(map(re.escape, ZH_VARIANTS), key=len, reverse=True)))   # longest first
 
 
 def vary(zh: str, rng) -> str:
@@ -321,7 +317,7 @@ def vary(zh: str, rng) -> str:
     def pick(m):
         forms = ZH_VARIANTS[m.group(0)]
         return forms[1] if len(forms) > 1 and rng.random() < ZH_VARIATION else forms[0]
-    return _variant_pattern().sub(pick, zh)
+    return ZH_VARIANT_RE.sub(pick, zh)
 
 
 MIN_WORDS, MAX_WORDS = 3, 12
