@@ -889,6 +889,7 @@ def pretrain_llm(llm, batches, sizes: Sizes, lr: float, copy_check=None, bar_pos
                             lr=lr, betas=(0.9, 0.98))
     bar = tqdm(total=sizes.llm_steps + sizes.llm_decay, desc="LLM (text + MT)", unit="step", position=bar_position)
     checks, step, decay_from = [], 0, None
+    llm.train()
     while decay_from is None or step < decay_from + sizes.llm_decay:
         if decay_from is None and step >= sizes.llm_steps:
             if copy_check is None or step >= sizes.llm_max_steps:
@@ -896,6 +897,7 @@ def pretrain_llm(llm, batches, sizes: Sizes, lr: float, copy_check=None, bar_pos
             elif (step - sizes.llm_steps) % LLM_CHECK_EVERY == 0:
                 llm.eval()
                 checks.append((step, copy_check(llm)))
+                llm.train()
                 if checks[-1][1] >= LLM_COPY:
                     decay_from = step
                 else:
@@ -907,7 +909,6 @@ def pretrain_llm(llm, batches, sizes: Sizes, lr: float, copy_check=None, bar_pos
             rate = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - decay_from) / sizes.llm_decay)))
         for g in opt.param_groups:
             g["lr"] = rate
-        llm.train()
         ids = next(batches)                                                   # (B, T)
         logits = llm(ids).logits[:, :-1]                                      # (B, T-1, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))

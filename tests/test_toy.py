@@ -181,7 +181,6 @@ def test_llm_documents_by_kind(world):
                     if kind == "randrep" else answer in ("the dog runs", "a cat sleeps")
 
 
-
 def test_llm_documents_stretch(world):
     """A stretched repeat holds each source token for 1-3 positions and ends the source with 0-20 pauses: the
     slot, its runs collapsed and the pauses dropped, is the answer's tokens; held tokens and pauses occur."""
@@ -232,6 +231,7 @@ def test_pretrain_llm_holds_the_peak_until_it_copies(monkeypatch, copies, max_st
     assert done["peak_steps"] == peak_steps and done["steps"] == peak_steps + 2 == len(rates)
     assert [c["step"] for c in done["copy_checks"]] == (list(range(2, min(peak_steps + 1, max_steps))) if copies else [])
     assert rates[:peak_steps + 1] == [1e-2] * (peak_steps + 1) and rates[-1] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
+
 
 def test_audio_is_what_the_manifests_say(world):
     for split, (task, _) in toy.SPLITS.items():
