@@ -233,6 +233,31 @@ def test_pretrain_llm_holds_the_peak_until_it_copies(monkeypatch, copies, max_st
     assert rates[:peak_steps + 1] == [1e-2] * (peak_steps + 1) and rates[-1] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
 
 
+def test_pretrain_llm_bytes_do_not_depend_on_threads():
+    """build() trains the LLM on one thread beside the encoders, then on every core: its weights must not
+    depend on when that switch comes. Sizes large enough that torch splits the work over two threads."""
+    from model import LLMConfig
+
+    def train(threads):
+        torch.manual_seed(0)
+        llm = LLM(LLMConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, family="qwen2"))
+        g = torch.Generator().manual_seed(1)
+        sizes = dataclasses.replace(MICRO, llm_steps=3, llm_max_steps=3, llm_decay=2, llm_warmup=1)
+        toy.pretrain_llm(llm, iter(lambda: torch.randint(0, 256, (8, 128), generator=g), None), sizes, 1e-2,
+                         threads=threads)
+        return torch.cat([p.detach().flatten() for p in llm.parameters()])
+
+    before = torch.get_num_threads()
+    try:
+        steps = itertools.count()
+        one, switched = train(lambda: 1), train(lambda: 1 if next(steps) < 2 else 2)
+        assert torch.get_num_threads() == 2 and next(steps) == 5          # asked once a step; switched
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, switched)
+
+
 def test_audio_is_what_the_manifests_say(world):
     for split, (task, _) in toy.SPLITS.items():
         entries, meta = toy._read_jsonl(world / f"{split}.jsonl"), toy.read_meta(world, split)
