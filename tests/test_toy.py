@@ -235,7 +235,8 @@ def test_pretrain_llm_holds_the_peak_until_it_copies(monkeypatch, copies, max_st
 
 def test_pretrain_llm_bytes_do_not_depend_on_threads():
     """build() trains the LLM on one thread beside the encoders, then on every core: its weights must not
-    depend on when that switch comes. Sizes large enough that torch splits the work over two threads."""
+    depend on when that switch comes. Activations of 8 x 128 x 192 values, past the 32,768 elements from which
+    torch's CPU kernels split their work over threads."""
     from model import LLMConfig
 
     def train(threads):
