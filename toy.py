@@ -639,11 +639,17 @@ SPLITS = {"asr_train": ("asr", 1), "asr_valid": ("asr", 2), "asr_test_clean": ("
           "st_dev": ("st", 5), "st_test": ("st", 6), "aac_train": ("aac", 7), "aac_valid": ("aac", 8)}
 
 
+def sentence_streams(seed: int) -> tuple:
+    """The world's two random streams for its sentences: the grammar's (English and its translation) and the
+    translator's wording (vary), apart so that the wording never changes the English or the speech."""
+    return np.random.default_rng([seed, 0]), np.random.default_rng([seed, 0, 1])
+
+
 def draw_sentences(seed: int, sizes: Sizes) -> dict[str, list[tuple[str, str]]]:
     """Every sentence of the world, by split. Held-out splits (tests, dev, valid) hold distinct sentences
     that no training split and no LLM text contains; training splits may repeat a (short) sentence. Each
     Chinese sentence is one translator's wording of it (vary)."""
-    rng, wording = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 0, 1])
+    rng, wording = sentence_streams(seed)
     out, seen = {}, set()
     for split in HELD_OUT:
         pairs = []
@@ -1927,7 +1933,7 @@ def main(argv=None) -> None:
     if args.seed < 0:
         p.error(f"--seed must be >= 0, got {args.seed}")
     if args.cmd == "sample":
-        rng, wording = np.random.default_rng([args.seed, 0]), np.random.default_rng([args.seed, 0, 1])
+        rng, wording = sentence_streams(args.seed)            # the world's first sentences, as drawn
         for _ in range(args.n):
             en, zh = sample_sentence(rng)
             zh = vary(zh, wording)
