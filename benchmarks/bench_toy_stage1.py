@@ -25,7 +25,8 @@ import train  # noqa: E402
 
 
 def trainer(world: Path, workers: int, seed: int):
-    """(step function, its train_data) for toy.py's stage-1 settings with `workers` loader processes."""
+    """run(n) -> seconds per step over the next n stage-1 steps, with toy.py's settings and `workers` loader
+    processes (the --out directory is never written: only train.train_step runs)."""
     argv = toy._train_argv("pretrain", world, Path("unused"), False, seed, [])
     argv[argv.index("--workers") + 1] = str(workers)
     args = train.build_parser().parse_args(argv[1:])
