@@ -1638,10 +1638,13 @@ def _run_chains(chains: dict, jobs: int) -> None:
                 p.wait()
 
 
-# the toy's scripts read their audio in their own process (--workers 0): every core is already computing (stage 1
-# on both, stage 3's runs one each), and a loader process takes its time from them (a stage-1 step with every
-# clip's encoder outputs cached: 0.174 s against 0.201 s with --workers 1, benchmarks/bench_toy_stage1.py; the
-# same batches, so the same weights)
+# --workers of every script the toy runs (train.py, evaluate.py): they read their audio in their own process, as
+# every core is already computing (stage 1 on both, stage 3's runs one each) and a loader process takes its time
+# from them (a stage-1 step with every clip's encoder outputs cached: 0.174 s against 0.201 s with --workers 1,
+# benchmarks/bench_toy_stage1.py; the same batches, so the same weights)
+SCRIPT_WORKERS = "0"
+
+
 def _train_argv(stage: str, world: Path, out: Path, quick: bool, seed: int, extra: list[str]) -> list[str]:
     steps = (QUICK_STEPS if quick else STAGE_STEPS)[stage]
     w = {k: str(world / v) for k, v in PATHS.items()}
@@ -1650,13 +1653,13 @@ def _train_argv(stage: str, world: Path, out: Path, quick: bool, seed: int, extr
     return ["train.py", "--stage", stage, "--backbone", w["llm"], "--whisper", w["whisper"], "--beats", w["beats"],
             *data, "--out", str(out), *STAGE_FLAGS[stage], "--steps", str(steps["steps"]),
             "--warmup", str(steps["warmup"]), "--eval-every", str(steps["eval_every"]), "--patience", "0",
-            "--workers", "0", "--dtype", "fp32", "--seed", str(seed), *extra,
+            "--workers", SCRIPT_WORKERS, "--dtype", "fp32", "--seed", str(seed), *extra,
             *(["--resume"] if (out / "args.json").is_file() else [])]     # an interrupted run continues
 
 
 def _evaluate_argv(ckpt: Path, manifest: Path, task: str, out: Path, extra: list[str] = ()) -> list[str]:
     return ["evaluate.py", "--ckpt", str(ckpt), "--data", str(manifest), "--task", task, "--out", str(out),
-            "--greedy", "--batch-size", "32", "--workers", "0", "--max-new-tokens", "64", *extra]
+            "--greedy", "--batch-size", "32", "--workers", SCRIPT_WORKERS, "--max-new-tokens", "64", *extra]
 
 
 def _st_test_step(out: Path, world: Path, name: str, text_input: bool = False) -> tuple:
@@ -1827,7 +1830,7 @@ def run_claims(out: str | os.PathLike, seeds: list[int], jobs: int = 2) -> dict:
             _run_script(["evaluate.py", "--figure5", "--data", str(world / PATHS["st_test"]), "--ckpt",
                          str(d / "joint_ce" / "best"), "--compare", str(d / "joint_ai-sta" / "best"), "--labels",
                          "base", "AI-STA", "--num-pairs", "300", "--seed", str(seed), "--out", str(fig5),
-                         "--workers", "0"], threads=jobs)
+                         "--workers", SCRIPT_WORKERS], threads=jobs)
         gaps = {p["label"]: p["modality_gap"] for p in json.loads((fig5 / "figure5.json").read_text())["panels"]}
         per_seed.append({"seed": seed, "stage1_asr_wer": r["stage1_asr_wer"], "mrr": r["mrr"],
                          "selected_layers": r["selected_layers"], "bleu": {n: m["bleu"] for n, m in metrics.items()},
