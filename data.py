@@ -41,7 +41,10 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-import soundfile as sf
+try:
+    import soundfile as sf
+except ImportError:  # only reading audio files needs it (a GPU benchmark machine may lack it): _open says so
+    sf = None
 import torch
 import torch.nn.functional as F
 
@@ -88,9 +91,11 @@ class AudioError(ValueError):
 SEGMENT_END_SLACK = 0.1  # seconds
 
 
-def _open(path: Path) -> sf.SoundFile:
+def _open(path: Path) -> "sf.SoundFile":
     """Open an audio file for reading; errors name the file (libsndfile's own can mislead: a bad mp3
     reads "File does not exist")."""
+    if sf is None:
+        raise ImportError(f"reading {path} needs the soundfile package: pip install -r requirements.txt")
     try:
         f = sf.SoundFile(path)
     except (sf.LibsndfileError, RuntimeError) as err:  # only now look why: a manifest check opens 100k files
@@ -110,7 +115,7 @@ def _open(path: Path) -> sf.SoundFile:
     return f
 
 
-def _wav_promised_frames(f: sf.SoundFile) -> int | None:
+def _wav_promised_frames(f: "sf.SoundFile") -> int | None:
     """The frame count a WAV header promises when the file holds fewer (None otherwise).
 
     libsndfile quietly shortens a WAV whose 'data' chunk is larger than the file (a download cut short) to
@@ -126,7 +131,7 @@ def _wav_promised_frames(f: sf.SoundFile) -> int | None:
     return int(data[1]) // int(align[1])
 
 
-def _read_frames(f: sf.SoundFile, path: Path, first: int, count: int) -> torch.Tensor:
+def _read_frames(f: "sf.SoundFile", path: Path, first: int, count: int) -> torch.Tensor:
     """Frames [first, first + count) of an open file, channels averaged: (count,) float32."""
     try:
         f.seek(first)

@@ -4,6 +4,7 @@ WhisperEncoder.
 
     python benchmarks/bench_audio.py [--batch 16] [--seconds 30] [--repeats 10] [--threads N]
     python benchmarks/bench_audio.py --device cuda --dtype bf16 --real-size   # + whisper-large-v2 and BEATs on a GPU
+    python benchmarks/bench_audio.py --device cuda --dtype bf16 --real-size --encoders-only   # the encoders alone
     python benchmarks/bench_audio.py --resample --threads 1    # data.resample from 14 rates, 1 kHz..384 kHz
 
 Each comparison is one function that times our code and the reference on the same inputs (a warm-up call
@@ -125,7 +126,7 @@ def bench_whisper(device: torch.device, dtype: torch.dtype, real_size: bool, bat
     with torch.device("meta"):
         ours = WhisperEncoder(cfg)
     ours.load_state_dict(hf.state_dict(), assign=True)   # identical key names: the very same tensors
-    ours.freeze()
+    ours.requires_grad_(False).eval()
     mel = torch.randn(batch, cfg.num_mel_bins, cfg.n_frames, device=device, dtype=dtype)
     with torch.no_grad():
         diff = (ours(mel).float() - hf(mel).last_hidden_state.float()).abs().max().item()
@@ -140,6 +141,29 @@ def bench_beats(device: torch.device, dtype: torch.dtype, batch: int, repeats: i
     fbank = torch.randn(batch, 2998, 128, device=device, dtype=dtype)
     with torch.no_grad():
         return race(lambda: model(fbank), lambda: None, repeats, device)[0]
+
+
+def whisper_flops(cfg: WhisperEncoderConfig) -> float:
+    """Matmul FLOPs of the Whisper encoder on one 30-s clip: the two convolutions, then per layer the q/k/v/o
+    and MLP projections (2·d·(4d + 2·ffn) per position) and attention's scores and values (4·T²·d)."""
+    d, T = cfg.d_model, cfg.max_source_positions
+    conv = 2 * (3 * cfg.num_mel_bins) * d * (2 * T) + 2 * (3 * d) * d * T
+    return conv + cfg.encoder_layers * (2 * d * (4 * d + 2 * cfg.encoder_ffn_dim) * T + 4 * T ** 2 * d)
+
+
+def beats_flops(cfg: BEATsConfig, frames: int = 2998) -> float:
+    """Matmul FLOPs of BEATs on one clip of `frames` fbank frames: the patch embedding, the projection to the
+    encoder width, the grouped convolutional position embedding, then per layer as whisper_flops."""
+    p, d = cfg.input_patch_size, cfg.encoder_embed_dim
+    T = (frames // p) * (128 // p)
+    embed = 2 * p * p * cfg.embed_dim * T + 2 * cfg.embed_dim * d * T + 2 * d * (d // cfg.conv_pos_groups) * cfg.conv_pos * T
+    return embed + cfg.encoder_layers * (2 * d * (4 * d + 2 * cfg.encoder_ffn_embed_dim) * T + 4 * T ** 2 * d)
+
+
+def rate(flops: float, seconds: float, peak: float | None) -> str:
+    """'x TFLOP/s' and, with the device's peak (TFLOP/s), the MFU."""
+    r = flops / seconds / 1e12
+    return f"{r:.1f} TFLOP/s" + (f" = MFU {100 * r / peak:.1f}% of {peak:g}" if peak else "")
 
 
 RESAMPLE_RATES = [44100, 48000, 8000, 22050, 32000, 88200, 96000, 192000, 384000,  # common rates
@@ -207,6 +231,10 @@ def main() -> None:
                         help="only time data.resample from each of RESAMPLE_RATES to 16 kHz (--seconds of noise)")
     parser.add_argument("--real-size", action="store_true",
                         help="time whisper-large-v2 (and BEATs) on --batch x 30 s instead of a small encoder on 2")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s in --dtype, for the encoders' MFU")
+    parser.add_argument("--encoders-only", action="store_true",
+                        help="skip the CPU features (on a GPU machine without kaldi-native-fbank, for example)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,20 +248,25 @@ def main() -> None:
           f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f}, best of {args.repeats} after a warm-up")
     ratios = {}
-    for name, bench, what in [("logmel", bench_logmel, "WhisperFeatureExtractor"),
-                              ("fbank", bench_fbank, "kaldi-native-fbank")]:
+    for name, bench, what in [] if args.encoders_only else [("logmel", bench_logmel, "WhisperFeatureExtractor"),
+                                                            ("fbank", bench_fbank, "kaldi-native-fbank")]:
         ours_s, ref_s = bench(clips, args.repeats)
         print(f"{name:8s} ours {ours_s * 1e3:8.1f} ms   {what} {ref_s * 1e3:8.1f} ms")
         ratios[f"{name}_ratio"] = ours_s / ref_s
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.real_size:
         t = bench_beats(device, dtype, args.batch, args.repeats)
-        print(f"beats    ours {t * 1e3:8.1f} ms   (iter3+ preset, batch {args.batch} x 30 s, {args.dtype}, {device})")
+        flops = args.batch * beats_flops(BEATsConfig.from_name("beats-iter3-plus-as2m-cpt2"))
+        print(f"beats    ours {t * 1e3:8.1f} ms   (iter3+ preset, batch {args.batch} x 30 s, {args.dtype}, {device}; "
+              f"{flops / 1e12:.2f} TFLOP: {rate(flops, t, args.peak_tflops)})")
     batch = args.batch if args.real_size else 2
     ours_s, ref_s = bench_whisper(device, dtype, args.real_size, batch, args.repeats)
     size = "whisper-large-v2" if args.real_size else "whisper-tiny-sized encoder"
     print(f"whisper  ours {ours_s * 1e3:8.1f} ms   transformers' WhisperEncoder {ref_s * 1e3:8.1f} ms   "
           f"({size}, batch {batch} x 3000 frames, {args.dtype}, {device})")
+    flops = batch * whisper_flops(WhisperEncoderConfig.from_name("whisper-large-v2") if args.real_size else WHISPER_SMALL)
+    print(f"whisper  {flops / 1e12:.2f} TFLOP: ours {rate(flops, ours_s, args.peak_tflops)}, "
+          f"transformers {rate(flops, ref_s, args.peak_tflops)}")
     ratios["whisper_ratio"] = ours_s / ref_s
     print(" ".join(f"{key}={value:.3f}" for key, value in ratios.items()))
 

@@ -53,6 +53,23 @@ def random_llm(args, device, dtype):
     return cfg, ours.eval()
 
 
+@torch.no_grad()
+def fp32_gap(cfg: LLMConfig, ours: LLM, ids: torch.Tensor, device):
+    """Print how far the low-precision logits are from fp32 ones on the same (upcast) weights: the max and mean
+    absolute gap, the fp32 logits' spread, and how often the two agree on the top token."""
+    with torch.device(device):
+        ref = LLM(cfg)
+    ref.load_state_dict({k: v.float() for k, v in ours.state_dict().items()}, strict=True)
+    low, high = ours(ids).logits.float(), ref.eval()(ids).logits.float()
+    gap = (low - high).abs()
+    top1 = (low.argmax(-1) == high.argmax(-1)).float().mean().item()
+    print(f"bf16 vs fp32 logits (same weights): max |gap| {gap.max().item():.3f}, mean {gap.mean().item():.4f}, "
+          f"fp32 logits std {high.std().item():.3f}; top-1 agreement {100 * top1:.2f}%")
+    del ref, low, high, gap
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def wall(fn, device) -> float:
     """Seconds one call of fn takes, the GPU's queue drained before and after."""
     if device.type == "cuda":
@@ -81,6 +98,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--fp32-check", action="store_true",
+                    help="with --dtype bf16: also the gap of the bf16 logits to fp32 ones on the same weights")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
@@ -97,6 +116,8 @@ def main():
     with torch.no_grad():
         diff = (ours(ids).logits.float() - hf(ids).logits.float()).abs().max().item()
     print(f"max |logits ours - HF| = {diff:.2e}")
+    if args.fp32_check and dtype != torch.float32:
+        fp32_gap(cfg, ours, ids, device)
 
     with torch.no_grad():
         t_ours_fwd = timed(lambda: ours(ids), device, args.repeats)

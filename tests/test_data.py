@@ -2,6 +2,7 @@
 import json
 import math
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -120,6 +121,20 @@ def test_segment_equals_slicing_the_whole_file(tmp_path, ext, sr, kw):
         hi = len(whole) if end is None else min(round(end * SR), len(whole))
         # the same output samples from the same input samples; the sums may be ordered differently (float32)
         torch.testing.assert_close(seg, whole[lo:hi], rtol=0, atol=1e-6)
+
+
+def test_imports_without_soundfile_and_reading_says_what_is_missing(tmp_path, monkeypatch):
+    """A GPU benchmark machine may lack soundfile: data.py still imports (features and batches need no files),
+    and reading a file names the file and the missing package instead of failing at import."""
+    import importlib.util
+    monkeypatch.setitem(sys.modules, "soundfile", None)           # as if it were not installed
+    spec = importlib.util.spec_from_file_location("data_without_soundfile", data.__file__)
+    bare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bare)                                  # a second copy: `data` itself is untouched
+    assert bare.sf is None and bare.log_mel_spectrogram([torch.zeros(1600)]).shape == (1, 80, 3000)
+    write_clip(tmp_path / "a.flac", 0.1)
+    with pytest.raises(ImportError, match=r"a\.flac needs the soundfile package"):
+        bare.load_audio(tmp_path / "a.flac")
 
 
 def test_segment_outside_the_file_and_long_segments(tmp_path):
