@@ -398,7 +398,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                     help="dtype of the frozen model (default: bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--max-bytes", type=int, default=None, help="work memory of one OT chunk (default per device)")
+    ap.add_argument("--max-bytes", type=int, default=None,
+                    help="work memory of one OT chunk (default: 64 MiB on a CPU; on a GPU half its free memory, "
+                         "at most 32 GiB)")
     ap.add_argument("--eps-rel", type=float, default=sinkhorn.EPS_REL, help="Sinkhorn ε relative to the cost scale")
     ap.add_argument("--tol", type=float, default=sinkhorn.TOL, help="Sinkhorn stop: L1 marginal error")
     ap.add_argument("--max-iter", type=int, default=sinkhorn.MAX_ITER)

@@ -156,7 +156,8 @@ def beats_flops(cfg: BEATsConfig, frames: int = 2998) -> float:
     encoder width, the grouped convolutional position embedding, then per layer as whisper_flops."""
     p, d = cfg.input_patch_size, cfg.encoder_embed_dim
     T = (frames // p) * (128 // p)
-    embed = 2 * p * p * cfg.embed_dim * T + 2 * cfg.embed_dim * d * T + 2 * d * (d // cfg.conv_pos_groups) * cfg.conv_pos * T
+    embed = (2 * p * p * cfg.embed_dim * T + 2 * cfg.embed_dim * d * T
+             + 2 * d * (d // cfg.conv_pos_groups) * cfg.conv_pos * T)
     return embed + cfg.encoder_layers * (2 * d * (4 * d + 2 * cfg.encoder_ffn_embed_dim) * T + 4 * T ** 2 * d)
 
 
@@ -264,7 +265,8 @@ def main() -> None:
     size = "whisper-large-v2" if args.real_size else "whisper-tiny-sized encoder"
     print(f"whisper  ours {ours_s * 1e3:8.1f} ms   transformers' WhisperEncoder {ref_s * 1e3:8.1f} ms   "
           f"({size}, batch {batch} x 3000 frames, {args.dtype}, {device})")
-    flops = batch * whisper_flops(WhisperEncoderConfig.from_name("whisper-large-v2") if args.real_size else WHISPER_SMALL)
+    cfg = WhisperEncoderConfig.from_name("whisper-large-v2") if args.real_size else WHISPER_SMALL
+    flops = batch * whisper_flops(cfg)
     print(f"whisper  {flops / 1e12:.2f} TFLOP: ours {rate(flops, ours_s, args.peak_tflops)}, "
           f"transformers {rate(flops, ref_s, args.peak_tflops)}")
     ratios["whisper_ratio"] = ours_s / ref_s

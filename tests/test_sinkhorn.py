@@ -303,3 +303,44 @@ def test_large_values_within_range_are_computed_not_refused():
     torch.testing.assert_close(f32.double(), 1e34 * unit, rtol=5e-6, atol=0)
     D = wasserstein_matrix([1e17 * x[0].float()], [1e17 * y[0].float()], tol=1e-6, max_iter=10000, progress=False)
     torch.testing.assert_close(D.double(), 1e34 * unit[None], rtol=5e-6, atol=0)
+
+
+def test_a_block_run_again_guarded_gives_the_same_plan(batch, monkeypatch):
+    """The iterations run in blocks whose fast half-steps are not looked at (no host synchronisation); a block in
+    which one went wild (a mass that under- or overflowed) is run again from its start, guarded. Forcing such
+    reruns (and exact steps) at every fifth look leaves every pair's cost and plan equal to float64 rounding: the
+    rerun starts from the block's own potentials and plan P0, not from what the abandoned pass left."""
+    import sinkhorn
+    xs, xm = pad([x.double() for x, _ in batch])
+    ys, ym = pad([y.double() for _, y in batch])
+    C = sq_euclidean_cost(xs, ys, xm, ym)
+    ref = solve(C, xm, ym, return_plan=True)
+    real, looks, guarded = sinkhorn._peak, [0], [0]
+
+    def peak(lr):  # max |log-ratio|, as if wild (inf) at every fifth look
+        looks[0] += 1
+        return real(lr) + (math.inf if looks[0] % 5 == 0 else 0.0)
+
+    def counted(*args):
+        guarded[0] += 1
+        return real_guarded(*args)
+
+    real_guarded = sinkhorn._guarded_ratio
+    monkeypatch.setattr(sinkhorn, "_peak", peak)
+    monkeypatch.setattr(sinkhorn, "_guarded_ratio", counted)
+    res = solve(C, xm, ym, return_plan=True)
+    assert guarded[0] > 10 * 2  # blocks were rerun guarded (without them, only iteration 1's two half-steps are)
+    assert torch.equal(res.iters, ref.iters) and res.converged.all()
+    torch.testing.assert_close(res.cost, ref.cost, rtol=1e-10, atol=0)
+    torch.testing.assert_close(res.plan, ref.plan, rtol=1e-9, atol=1e-15)
+
+
+def test_chunk_budget_on_a_gpu_is_half_its_free_memory_at_most_32_gib(monkeypatch):
+    """Large chunks are faster on a GPU (each iterates as long as its slowest pair), within what it has free."""
+    import sinkhorn
+    free = [10 * 2**30]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[0], 141 * 2**30))
+    assert sinkhorn._default_max_bytes(torch.device("cuda")) == 5 * 2**30
+    free[0] = 120 * 2**30
+    assert sinkhorn._default_max_bytes(torch.device("cuda")) == 32 * 2**30
+    assert sinkhorn._default_max_bytes(torch.device("cpu")) == 64 * 2**20
