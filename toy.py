@@ -1009,6 +1009,31 @@ def build_llm(corpus: LLMCorpus, out: Path, seed: int, sizes: Sizes, dev: list[s
     return llm, tok
 
 
+# Intel MKL's matrix products split their sums over threads differently at 1 and at 2 threads on AVX-512 (seen on
+# an Intel Xeon: the weight gradient's product differs in its last bits; not on the AMD EPYC of the earlier rounds),
+# so the LLM's weights would depend on when it gets the second core. MKL's strict conditional numerical
+# reproducibility (MKL_CBWR=AUTO,STRICT, read when MKL starts) makes its products the same at any thread count;
+# it costs the LLM's step about 3% there (168-178 against 183-184 ms on one thread, 99-106 against 105-106 on two).
+LLM_PROCESS_ENV = {"MKL_CBWR": "AUTO,STRICT"}
+
+
+def start_llm_process(ctx, target, args):
+    """ctx.Process(target=target, args=args) started with LLM_PROCESS_ENV in its environment (this process's own
+    environment is left as it was)."""
+    saved = {k: os.environ.get(k) for k in LLM_PROCESS_ENV}
+    os.environ.update(LLM_PROCESS_ENV)
+    try:
+        proc = ctx.Process(target=target, args=args)
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return proc
+
+
 def _build_llm_process(corpus: LLMCorpus, out: Path, seed: int, sizes: Sizes, dev: list[str], report: Path,
                        alone, cores: int) -> None:
     """build_llm in a spawned process: on one core while the parent renders the audio and trains the
@@ -1454,9 +1479,8 @@ def build(out: str | os.PathLike, seed: int = 0, quick: bool = False, sizes: Siz
         import multiprocessing as mp
         ctx = mp.get_context("spawn")
         alone = ctx.Event()
-        llm_proc = ctx.Process(target=_build_llm_process, args=(corpus, llm_dir, seed, sizes, dev, llm_report,
-                                                                 alone, workers))
-        llm_proc.start()
+        llm_proc = start_llm_process(ctx, _build_llm_process, (corpus, llm_dir, seed, sizes, dev, llm_report, alone,
+                                                               workers))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
     else:

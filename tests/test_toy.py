@@ -233,30 +233,41 @@ def test_pretrain_llm_holds_the_peak_until_it_copies(monkeypatch, copies, max_st
     assert rates[:peak_steps + 1] == [1e-2] * (peak_steps + 1) and rates[-1] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
 
 
+def _train_tiny_llm(threads):
+    from model import LLMConfig
+    torch.manual_seed(0)
+    llm = LLM(LLMConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, family="qwen2"))
+    g = torch.Generator().manual_seed(1)
+    sizes = dataclasses.replace(MICRO, llm_steps=3, llm_max_steps=3, llm_decay=2, llm_warmup=1)
+    toy.pretrain_llm(llm, iter(lambda: torch.randint(0, 256, (8, 128), generator=g), None), sizes, 1e-2,
+                     threads=threads)
+    return torch.cat([p.detach().flatten() for p in llm.parameters()])
+
+
+def _one_thread_then_two():
+    """In a process started as build() starts the LLM's: the weights trained on one thread throughout and with a
+    switch to two threads after two steps; exit code 0 if they are the same bytes, 3 if not, 4 if never switched."""
+    import sys
+    torch.set_num_threads(1)
+    steps = itertools.count()
+    one, switched = _train_tiny_llm(lambda: 1), _train_tiny_llm(lambda: 1 if next(steps) < 2 else 2)
+    if torch.get_num_threads() != 2 or next(steps) != 5:                 # asked once a step; switched
+        sys.exit(4)
+    sys.exit(0 if torch.equal(one, switched) else 3)
+
+
 def test_pretrain_llm_bytes_do_not_depend_on_threads():
     """build() trains the LLM on one thread beside the encoders, then on every core: its weights must not
     depend on when that switch comes. Activations of 8 x 128 x 192 values, past the 32,768 elements from which
-    torch's CPU kernels split their work over threads."""
-    from model import LLMConfig
-
-    def train(threads):
-        torch.manual_seed(0)
-        llm = LLM(LLMConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, family="qwen2"))
-        g = torch.Generator().manual_seed(1)
-        sizes = dataclasses.replace(MICRO, llm_steps=3, llm_max_steps=3, llm_decay=2, llm_warmup=1)
-        toy.pretrain_llm(llm, iter(lambda: torch.randint(0, 256, (8, 128), generator=g), None), sizes, 1e-2,
-                         threads=threads)
-        return torch.cat([p.detach().flatten() for p in llm.parameters()])
-
-    before = torch.get_num_threads()
-    try:
-        steps = itertools.count()
-        one, switched = train(lambda: 1), train(lambda: 1 if next(steps) < 2 else 2)
-        assert torch.get_num_threads() == 2 and next(steps) == 5          # asked once a step; switched
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, switched)
+    torch's CPU kernels split their work over threads. Run in a process started by toy.start_llm_process, as
+    build() starts the LLM's (its environment asks MKL for products that do not depend on the thread count)."""
+    import multiprocessing as mp
+    before = os.environ.get("MKL_CBWR")
+    proc = toy.start_llm_process(mp.get_context("spawn"), _one_thread_then_two, ())
+    proc.join()
+    assert proc.exitcode == 0, {3: "the bytes differ", 4: "the threads did not switch"}.get(proc.exitcode)
+    assert os.environ.get("MKL_CBWR") == before                            # this process's environment is left alone
 
 
 def test_audio_is_what_the_manifests_say(world):
