@@ -77,7 +77,8 @@ def main():
         print(f"{name:6s} ours {t_ours * 1e3:8.1f} ms ({args.batch / t_ours:6.2f} utt/s)   "
               f"HF {t_hf * 1e3:8.1f} ms ({args.batch / t_hf:6.2f} utt/s)   ratio {t_ours / t_hf:.3f}   "
               f"same tokens: {same}" + ("" if same else f" ({100 * share:.1f}% of positions)"))
-        differ += [] if same else [name]
+        if not same:
+            differ.append(name)
     print(f"beam_ratio={results['beam']:.3f} greedy_ratio={results['greedy']:.3f}")
     # fp32 must give the same tokens; in bf16 the two round at different places, and on random weights a near
     # tie can then flip one token, after which the rest of that row follows its own path
