@@ -145,7 +145,8 @@ def bench_beats(device: torch.device, dtype: torch.dtype, batch: int, repeats: i
 
 def whisper_flops(cfg: WhisperEncoderConfig) -> float:
     """Matmul FLOPs of the Whisper encoder on one 30-s clip: the two convolutions, then per layer the q/k/v/o
-    and MLP projections (2·d·(4d + 2·ffn) per position) and attention's scores and values (4·T²·d)."""
+    and MLP projections (2·d·(4d + 2·ffn) per position) and attention's scores and values (4·T²·d).
+    Also bench_speech_llm.py's count for its step."""
     d, T = cfg.d_model, cfg.max_source_positions
     conv = 2 * (3 * cfg.num_mel_bins) * d * (2 * T) + 2 * (3 * d) * d * T
     return conv + cfg.encoder_layers * (2 * d * (4 * d + 2 * cfg.encoder_ffn_dim) * T + 4 * T ** 2 * d)

@@ -117,8 +117,8 @@ def main():
           f"unconverged {stats['unconverged']}; fastest of {args.repeat}: "
           f"{', '.join(f'{t:.2f}' for t in times)} s")
 
+    K = min(N, M) if args.emd_block <= 0 else min(args.emd_block, N, M)  # the reference's block: first K x K
     if ot is None:
-        K = min(N, M) if args.emd_block <= 0 else min(args.emd_block, N, M)
         t0 = time.perf_counter()
         D64 = sinkhorn.wasserstein_matrix([x.double() for x in speech[:K]], [y.double() for y in text[:K]],
                                           device="cpu", progress=False, **kw).double()
@@ -170,7 +170,6 @@ def main():
     print(f"POT vs ours on those pairs: max |D_pot / D_ours - 1| = {rel:.2e}")
 
     # --- exact EMD ---------------------------------------------------------------------------------
-    K = min(N, M) if args.emd_block <= 0 else min(args.emd_block, N, M)  # the first K speech x K text
     t0 = time.perf_counter()
     D_emd = torch.empty(K, K, dtype=torch.float64)
     for i in range(K):

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import sinkhorn  # noqa: E402
 import train  # noqa: E402
+from bench_audio import whisper_flops  # noqa: E402  (this folder: the script's own)
 from lora import lora_modules  # noqa: E402
 from model import (BEATsConfig, LLMConfig, QFormerConfig, SpeechLLM, SpeechLLMConfig,  # noqa: E402
                    Tokenizer, WhisperEncoderConfig)
@@ -202,9 +203,7 @@ def step_flops(model, batch) -> float:
     also weight gradients: two). Attention scores and values count 4·T²·d per layer; norms etc. are ignored."""
     c, w, q = model.config.llm, model.config.whisper, model.config.qformer
     T_w = w.max_source_positions
-    whisper = (linear_flops(w.num_mel_bins * 3, w.d_model, 2 * T_w) + linear_flops(3 * w.d_model, w.d_model, T_w)
-               + w.encoder_layers * (linear_flops(w.d_model, 4 * w.d_model + 2 * w.encoder_ffn_dim, T_w)
-                                     + 4 * T_w ** 2 * w.d_model))
+    whisper = whisper_flops(w)
     beats = 0
     if model.beats is not None:
         bc = model.config.beats
